@@ -105,6 +105,10 @@ pub fn make_iso(kernel: &Path, initramfs: &Path, grub_cfg: &str, iso: &Path) -> 
     std::fs::write(boot.join("grub/grub.cfg"), grub_cfg).context("cannot write grub.cfg")?;
 
     let output = Command::new("grub-mkrescue")
+        // Fonts, locales and themes serve a graphical menu the serial console never
+        // shows; leaving them out and xz-compressing modules takes the ISO from ~24 MB
+        // to ~10 MB.
+        .args(["--compress=xz", "--fonts=", "--locales=", "--themes="])
         .arg("-o")
         .arg(iso)
         .arg(staging.path())
