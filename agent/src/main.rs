@@ -1,1 +1,213 @@
-fn main() {}
+//! `celld`: the node agent. PID 1 inside a celld image, a daemon anywhere else.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use celld::config::NodeConfig;
+use celld::serve::{Options, build_agent, serve, start_reaper, stop_all_tasks};
+use celld::task::state::Reason;
+
+const USAGE: &str = "usage: celld [--listen ADDR] [--config FILE] [--state-dir DIR] \
+                     [--cgroup-parent NAME] [--image-version V] | --version";
+
+struct Args {
+    listen: Option<String>,
+    config: Option<String>,
+    state_dir: Option<String>,
+    cgroup_parent: Option<String>,
+    image_version: Option<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut a = Args {
+        listen: None,
+        config: None,
+        state_dir: None,
+        cgroup_parent: None,
+        image_version: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--listen" => &mut a.listen,
+            "--config" => &mut a.config,
+            "--state-dir" => &mut a.state_dir,
+            "--cgroup-parent" => &mut a.cgroup_parent,
+            "--image-version" => &mut a.image_version,
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        };
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        *slot = Some(value.clone());
+    }
+    Ok(a)
+}
+
+/// Config for daemon mode: file, then flags. Any error is fatal here (not PID 1).
+fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--config {path}: {e}"))?;
+            NodeConfig::from_toml(&text).map_err(|e| format!("--config {path}: {e}"))?
+        }
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = &a.listen {
+        cfg.listen = v.clone();
+    }
+    if let Some(v) = &a.state_dir {
+        cfg.state_dir = v.into();
+    }
+    if let Some(v) = &a.cgroup_parent {
+        cfg.cgroup_parent = v.clone();
+    }
+    if let Some(v) = &a.image_version {
+        cfg.image_version = v.clone();
+    }
+    cfg.check().map_err(|e| e.to_string().replace("node config: ", "--"))?;
+    Ok(cfg)
+}
+
+/// Config for PID 1: never fails; problems are kept for status and the console.
+fn pid1_config() -> (NodeConfig, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut cfg = match std::fs::read_to_string("/etc/celld/node.toml") {
+        Ok(text) => NodeConfig::from_toml(&text).unwrap_or_else(|e| {
+            errors.push(format!("/etc/celld/node.toml: {e}"));
+            NodeConfig::default()
+        }),
+        Err(_) => NodeConfig::default(),
+    };
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    errors.extend(cfg.apply_cmdline(&cmdline));
+    (cfg, errors)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__task-init") {
+        celld::task::child::run();
+    }
+    if argv.get(1).map(String::as_str) == Some("--version") {
+        println!("celld {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let started = Instant::now();
+    let pid1 = std::process::id() == 1;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut init_errors = Vec::new();
+    if pid1 {
+        init_errors = celld::init::mount_system();
+    }
+    let uptime_at_start = celld::node::uptime_seconds();
+    let (config, mut config_errors) = if pid1 {
+        pid1_config()
+    } else {
+        let args = match parse_args(&argv[1..]) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("celld: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match daemon_config(&args) {
+            Ok(c) => (c, Vec::new()),
+            Err(e) => {
+                eprintln!("celld: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    config_errors.extend(init_errors);
+    for e in &config_errors {
+        tracing::error!(error = %e, "configuration problem (defaults kept)");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fatal(pid1, &format!("tokio runtime: {e}")),
+    };
+    let opts = Options {
+        config,
+        config_errors,
+        mode: if pid1 { "pid1" } else { "daemon" },
+        started,
+        uptime_at_start,
+    };
+    match runtime.block_on(run(opts, pid1)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fatal(pid1, &e),
+    }
+}
+
+/// A daemon exits non-zero; PID 1 must not exit, so it logs, syncs and reboots.
+fn fatal(pid1: bool, msg: &str) -> ExitCode {
+    eprintln!("celld: {msg}");
+    if pid1 {
+        eprintln!("celld: rebooting in 5 s");
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let e = celld::init::power(false);
+        eprintln!("celld: {e}");
+        loop {
+            std::thread::park();
+        }
+    }
+    ExitCode::FAILURE
+}
+
+async fn run(opts: Options, pid1: bool) -> Result<(), String> {
+    let agent = build_agent(&opts).map_err(|e| e.to_string())?;
+    start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
+    if pid1 {
+        let macs = celld::node::identity().macs;
+        if let Err(e) = celld::init::set_hostname(&opts.config.hostname, &macs) {
+            tracing::error!(error = %e, "hostname");
+        }
+        if let Err(e) = celld::sys::loopback_up() {
+            tracing::error!(error = %e, "loopback");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(&opts.config.listen)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", opts.config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, mode = opts.mode, ready_ms = opts.started.elapsed().as_millis() as u64, "celld serving");
+    let mut power = agent.power.subscribe();
+    let supervisor = agent.supervisor.clone();
+    let shutdown = async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut pwr)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::from_raw(libc::SIGPWR)),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = pwr.recv() => tracing::info!("SIGPWR: shutting down"),
+            _ = power.changed() => tracing::info!("power request: shutting down"),
+        }
+    };
+    serve(agent.clone(), listener, shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    stop_all_tasks(&supervisor, Reason::NodeShutdown).await;
+    if pid1 {
+        let off = *agent.power.borrow() != Some(celld::api::Power::Reboot);
+        let e = celld::init::power(off);
+        return Err(e);
+    }
+    Ok(())
+}

@@ -2,12 +2,13 @@
 # Boots the artifacts of 'cellimg build' under QEMU (TCG: these machines have no KVM) by
 # every path a node can take, and checks that /init ran with the image's command line.
 #
-#   tests/boot/boot-paths.sh ARTIFACT_DIR [kernel] [bios] [uefi] [pxe]
+#   tests/boot/boot-paths.sh ARTIFACT_DIR [kernel] [bios] [uefi] [pxe] [uefi-pxe]
 #
 #   kernel  -kernel/-initrd with the manifest's command line
 #   bios    -cdrom node.iso, SeaBIOS
 #   uefi    -cdrom node.iso, OVMF
 #   pxe     iPXE ROM of a virtio-net NIC, TFTP from QEMU user networking, pxe/boot.ipxe
+#   uefi-pxe  the same under OVMF (iPXE as an EFI driver; initrd through the EFI stub)
 #
 # The /init must print "CELLD-TEST-INIT version=<image version> uptime=<s>" on the
 # console and power off (tests/boot/testinit.c does; build-test-artifacts.sh packs it).
@@ -16,11 +17,11 @@
 # Needs: qemu-system-x86 ovmf ipxe-qemu.
 set -uo pipefail
 
-[ $# -ge 1 ] || { echo "usage: $0 ARTIFACT_DIR [kernel|bios|uefi|pxe ...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 ARTIFACT_DIR [kernel|bios|uefi|pxe|uefi-pxe ...]" >&2; exit 2; }
 dir=$(cd "$1" && pwd) || exit 2
 shift
 paths=("$@")
-[ ${#paths[@]} -gt 0 ] || paths=(kernel bios uefi pxe)
+[ ${#paths[@]} -gt 0 ] || paths=(kernel bios uefi pxe uefi-pxe)
 log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"
 
@@ -46,15 +47,18 @@ boot() {
         uefi)   args=(-nic none -bios "$ovmf" -cdrom "$dir/node.iso") ;;
         pxe)    args=(-netdev "user,id=n,tftp=$dir,bootfile=pxe/boot.ipxe"
                       -device virtio-net-pci,netdev=n -boot n) ;;
-        *) echo "boot-paths: unknown path '$path' (kernel, bios, uefi, pxe)" >&2; return 2 ;;
+        uefi-pxe) args=(-bios "$ovmf" -netdev "user,id=n,tftp=$dir,bootfile=pxe/boot.ipxe"
+                        -device virtio-net-pci,netdev=n -boot n) ;;
+        *) echo "boot-paths: unknown path '$path' (kernel, bios, uefi, pxe, uefi-pxe)" >&2
+           return 2 ;;
     esac
     local limit=${TIMEOUT:-120}
-    [ "$path" = uefi ] && limit=${TIMEOUT_UEFI:-300}
+    case "$path" in uefi*) limit=${TIMEOUT_UEFI:-300} ;; esac
     timeout "$limit" "${qemu_base[@]}" -serial "file:$log" "${args[@]}" </dev/null
 }
 
 failed=()
-printf '%-7s %-6s %8s %14s\n' path result wall_s init_uptime_s
+printf '%-9s %-6s %8s %14s\n' path result wall_s init_uptime_s
 for path in "${paths[@]}"; do
     log="$log_dir/$path.log"
     : >"$log"
@@ -65,9 +69,9 @@ for path in "${paths[@]}"; do
     marker=$(grep -a -o "CELLD-TEST-INIT version=[^ ]* uptime=[0-9.]*" "$log" | head -1)
     uptime=${marker##*uptime=}
     if [ "$marker" = "CELLD-TEST-INIT version=$version uptime=$uptime" ] && [ -n "$uptime" ]; then
-        printf '%-7s %-6s %8.1f %14s\n' "$path" ok "$wall" "$uptime"
+        printf '%-9s %-6s %8.1f %14s\n' "$path" ok "$wall" "$uptime"
     else
-        printf '%-7s %-6s %8.1f %14s\n' "$path" FAIL "$wall" "-"
+        printf '%-9s %-6s %8.1f %14s\n' "$path" FAIL "$wall" "-"
         echo "--- $path: qemu exit $status$([ $status = 124 ] && echo ' (timeout)'), no marker for version $version; serial log $log:"
         cat -v "$log" | tail -60
         echo "--- end of $path"

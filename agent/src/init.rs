@@ -1,0 +1,134 @@
+//! PID-1 duties only: the system mounts, hostname, loopback, and the power paths. Every
+//! step logs and carries on: PID 1 exiting panics the kernel.
+//!
+//! DHCP, the console logger and the panic path belong to the bootable-image work.
+
+use std::path::Path;
+
+use nix::mount::{MsFlags, mount};
+
+/// One entry of the mount table.
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// In order: later entries mount inside earlier ones.
+const MOUNTS: &[Mount] = &[
+    Mount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("gid=5,mode=0620,ptmxmode=0666"),
+    },
+    Mount {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "run",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "tmp",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("nsdelegate"),
+    },
+];
+
+/// Mounts the system filesystems; returns one message per failure.
+pub fn mount_system() -> Vec<String> {
+    let mut errors = Vec::new();
+    for m in MOUNTS {
+        let target = Path::new(m.target);
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(Some(m.source), target, Some(m.fstype), m.flags, m.data) {
+            // devtmpfs may be mounted by the kernel already (CONFIG_DEVTMPFS_MOUNT).
+            if e != nix::errno::Errno::EBUSY {
+                errors.push(format!("mount {} on {}: {}", m.fstype, m.target, e.desc()));
+            }
+        }
+    }
+    // Let task cgroups use every controller the kernel has.
+    if let Ok(c) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
+        let enable: Vec<String> = c.split_whitespace().map(|c| format!("+{c}")).collect();
+        if let Err(e) = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" ")) {
+            errors.push(format!("enabling cgroup controllers: {e}"));
+        }
+    }
+    errors
+}
+
+/// Sets the hostname: the configured one, else `node-<last 3 bytes of the first MAC>`.
+pub fn set_hostname(configured: &str, macs: &[String]) -> Result<String, String> {
+    let name = if configured.is_empty() {
+        let mac = macs
+            .first()
+            .and_then(|m| m.split_once('='))
+            .map(|(_, mac)| mac.replace(':', ""))
+            .unwrap_or_default();
+        format!("node-{}", &mac[mac.len().saturating_sub(6)..])
+    } else {
+        configured.to_string()
+    };
+    nix::unistd::sethostname(&name).map_err(|e| format!("sethostname {name}: {}", e.desc()))?;
+    Ok(name)
+}
+
+/// Syncs and reboots or powers off. Only returns on failure.
+pub fn power(off: bool) -> String {
+    nix::unistd::sync();
+    let how = if off {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    } else {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    };
+    match nix::sys::reboot::reboot(how) {
+        Ok(never) => match never {},
+        Err(e) => format!("reboot(2): {}", e.desc()),
+    }
+}

@@ -1,0 +1,3 @@
+//! Kernel tuning: the sysctl profile (and, in PID 1 mode, the hostname).
+
+pub mod sysctl;
