@@ -22,6 +22,11 @@ dir=$(cd "$1" && pwd) || exit 2
 shift
 paths=("$@")
 [ ${#paths[@]} -gt 0 ] || paths=(kernel bios uefi pxe uefi-pxe)
+for path in "${paths[@]}"; do
+    case "$path" in kernel|bios|uefi|pxe|uefi-pxe) ;;
+        *) echo "boot-paths: unknown path '$path' (kernel, bios, uefi, pxe, uefi-pxe)" >&2; exit 2 ;;
+    esac
+done
 log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"
 
