@@ -112,6 +112,9 @@ pub fn build(options: &BuildOptions) -> Result<()> {
     let out = &options.out;
     std::fs::create_dir_all(out.join("pxe"))
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    // The manifest is written last and vouches for the rest; an old one must not survive
+    // a build that fails half way.
+    remove_if_present(&out.join("manifest.json"))?;
     write_output(out, INITRAMFS_NAME, &initramfs_gz)?;
     write_output(out, KERNEL_NAME, &kernel)?;
     write_output(out, "pxe/boot.ipxe", boot::ipxe_script(&cmdline).as_bytes())?;
