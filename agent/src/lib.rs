@@ -8,7 +8,7 @@
 //! - [`config`]: node configuration from defaults, file and kernel command line (pure).
 //! - [`task`]: the Borglet core: specs, lifecycle, spawn path, isolation, logs, restarts.
 //! - [`cgroup`]: the only code that touches `/sys/fs/cgroup`.
-//! - [`kernel`]: sysctls.
+//! - [`kernel`]: the sysctl profile.
 //! - [`node`]: identity, capacity, usage, conditions.
 //! - [`api`]: the gRPC handlers (thin) and proto conversion.
 //! - [`init`]: PID-1 duties: mounts, hostname, loopback, power.

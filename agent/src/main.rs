@@ -48,7 +48,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     let mut cfg = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("--config {path}: {e}"))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("--config {path}: {e}"))?;
             NodeConfig::from_toml(&text).map_err(|e| format!("--config {path}: {e}"))?
         }
         None => NodeConfig::default(),
@@ -65,7 +66,8 @@ fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     if let Some(v) = &a.image_version {
         cfg.image_version = v.clone();
     }
-    cfg.check().map_err(|e| e.to_string().replace("node config: ", "--"))?;
+    cfg.check()
+        .map_err(|e| e.to_string().replace("node config: ", "--"))?;
     Ok(cfg)
 }
 

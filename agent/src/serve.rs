@@ -170,7 +170,10 @@ pub async fn serve(
         _ = &mut shutdown => {}
     }
     // Open streams (a watching master, a following `logs`) must not hold shutdown up.
-    if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open 2 s after shutdown: closing them");
     }
     Ok(())

@@ -61,7 +61,10 @@ async fn dangerous_syscalls_fail_with_eperm() {
 #[tokio::test]
 async fn capabilities_are_the_reduced_default_set() {
     let mut n = Node::start().await;
-    let spec = n.spec("caps", &["sh", "-c", "grep -E '^Cap(Eff|Bnd|Amb)' /proc/self/status"]);
+    let spec = n.spec(
+        "caps",
+        &["sh", "-c", "grep -E '^Cap(Eff|Bnd|Amb)' /proc/self/status"],
+    );
     let (_, out) = n.run_to_end(spec).await;
     // The OCI default set: chown dac_override fowner fsetid kill setgid setuid setpcap
     // net_bind_service net_raw sys_chroot mknod audit_write setfcap.
@@ -86,7 +89,10 @@ async fn proc_sysrq_trigger_and_proc_sys_are_read_only() {
     let (_, out) = n.run_to_end(spec).await;
     assert!(out.contains("sysrq=1"), "{out}");
     assert!(out.contains("sys=1"), "{out}");
-    assert!(out.lines().any(|l| l.trim() == "0"), "kcore not masked: {out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "0"),
+        "kcore not masked: {out}"
+    );
 }
 
 #[tokio::test]
@@ -120,12 +126,7 @@ async fn a_fork_bomb_is_held_at_pids_max_and_the_node_answers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let started = Instant::now();
-    let status = n
-        .client
-        .get_status(pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = n.status().await;
     assert!(started.elapsed() < Duration::from_secs(5));
     let t = status.tasks.iter().find(|t| t.id == "forkbomb").unwrap();
     let pids = t.usage.unwrap().pids;
@@ -133,13 +134,7 @@ async fn a_fork_bomb_is_held_at_pids_max_and_the_node_answers() {
         (2..=32).contains(&pids),
         "pids.current {pids} outside 2..=32"
     );
-    n.client
-        .kill_task(pb::KillTaskRequest {
-            id: "forkbomb".into(),
-            grace_ms: 100,
-        })
-        .await
-        .unwrap();
+    n.kill("forkbomb", 100).await.unwrap();
     let t = n.wait_finished("forkbomb").await;
     assert_eq!(reason(&t), pb::TaskReason::Killed);
 }
@@ -150,14 +145,12 @@ async fn tasks_report_the_landlock_abi_in_force() {
     let spec = n.spec("ll", &["true"]);
     let (t, _) = n.run_to_end(spec).await;
     let kernel = celld::sys::landlock_abi();
-    assert!(kernel > 0, "this kernel has no Landlock: the test cannot check it");
+    assert!(
+        kernel > 0,
+        "this kernel has no Landlock: the test cannot check it"
+    );
     assert!(t.landlock_abi > 0 && t.landlock_abi <= kernel, "{t:#?}");
-    let status = n
-        .client
-        .get_status(pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = n.status().await;
     assert_eq!(status.landlock_abi, kernel);
 }
 
@@ -187,7 +180,11 @@ async fn a_readonly_rootfs_cannot_be_written() {
     let mut n = Node::start().await;
     let mut spec = n.spec(
         "ro",
-        &["sh", "-c", "touch /bin/x; echo root=$?; touch /tmp/x; echo tmp=$?"],
+        &[
+            "sh",
+            "-c",
+            "touch /bin/x; echo root=$?; touch /tmp/x; echo tmp=$?",
+        ],
     );
     spec.isolation = Some(pb::Isolation {
         readonly_rootfs: true,
@@ -201,7 +198,10 @@ async fn a_readonly_rootfs_cannot_be_written() {
 #[tokio::test]
 async fn a_task_runs_as_the_uid_it_asks_for() {
     let mut n = Node::start().await;
-    let mut spec = n.spec("uid", &["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status"]);
+    let mut spec = n.spec(
+        "uid",
+        &["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status"],
+    );
     spec.isolation = Some(pb::Isolation {
         uid: Some(1000),
         gid: Some(1000),

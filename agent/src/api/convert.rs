@@ -129,12 +129,16 @@ fn isolation_from(p: pb::Isolation, iso: &mut spec::Isolation) -> Result<(), Spe
     iso.landlock = !p.disable_landlock;
     iso.readonly_rootfs = p.readonly_rootfs;
     for (i, c) in p.add_capabilities.iter().enumerate() {
-        iso.capabilities
-            .insert(parse_capability(&format!("isolation.add_capabilities[{i}]"), c)?);
+        iso.capabilities.insert(parse_capability(
+            &format!("isolation.add_capabilities[{i}]"),
+            c,
+        )?);
     }
     for (i, c) in p.drop_capabilities.iter().enumerate() {
-        iso.capabilities
-            .remove(&parse_capability(&format!("isolation.drop_capabilities[{i}]"), c)?);
+        iso.capabilities.remove(&parse_capability(
+            &format!("isolation.drop_capabilities[{i}]"),
+            c,
+        )?);
     }
     iso.uid = p.uid.unwrap_or(0);
     iso.gid = p.gid.unwrap_or(0);

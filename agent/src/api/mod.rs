@@ -166,12 +166,7 @@ impl NodeAgent {
                 .lock()
                 .map(|s| s.values().map(sysctl_to_proto).collect())
                 .unwrap_or_default(),
-            tasks: self
-                .supervisor
-                .list("")
-                .iter()
-                .map(task_to_proto)
-                .collect(),
+            tasks: self.supervisor.list("").iter().map(task_to_proto).collect(),
             landlock_abi: crate::sys::landlock_abi(),
             mode: self.facts.mode.into(),
             cgroup_version: self.supervisor.cgroup_version().into(),
@@ -252,7 +247,8 @@ impl Node for NodeApi {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let spec = task_spec_from_proto(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec =
+            task_spec_from_proto(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (view, created) = self
             .agent
             .supervisor
@@ -436,7 +432,9 @@ impl Node for NodeApi {
             return Err(Status::invalid_argument("sysctls: give at least one key"));
         }
         if wanted.len() > 256 {
-            return Err(Status::invalid_argument("sysctls: at most 256 keys at once"));
+            return Err(Status::invalid_argument(
+                "sysctls: at most 256 keys at once",
+            ));
         }
         let agent = self.agent.clone();
         let results = tokio::task::spawn_blocking(move || agent.apply_sysctls(&wanted))

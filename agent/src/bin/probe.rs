@@ -24,7 +24,10 @@ fn syscalls() {
             None::<&str>,
         ),
     );
-    show("ptrace", nix::sys::ptrace::attach(nix::unistd::Pid::from_raw(1)));
+    show(
+        "ptrace",
+        nix::sys::ptrace::attach(nix::unistd::Pid::from_raw(1)),
+    );
     show("reboot", nix::sys::reboot::set_cad_enabled(false));
     let name = CString::new("").unwrap_or_default();
     show("init_module", nix::kmod::init_module(&[], &name));
@@ -99,7 +102,9 @@ fn main() {
         Some("read") => read(args.get(2).map(String::as_str).unwrap_or("/")),
         Some("landlock") if args.len() == 5 => landlock(&args[2], &args[3], &args[4]),
         _ => {
-            eprintln!("usage: celld-probe syscalls | hog | forkbomb | read PATH | landlock ROOT INSIDE OUTSIDE");
+            eprintln!(
+                "usage: celld-probe syscalls | hog | forkbomb | read PATH | landlock ROOT INSIDE OUTSIDE"
+            );
             std::process::exit(2);
         }
     }

@@ -23,9 +23,8 @@ pub fn check_sysctl_key(key: &str) -> Result<(), BadSysctlKey> {
         && key.len() <= 256
         && key.split('.').all(|w| {
             !w.is_empty()
-                && w.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-                })
+                && w.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         });
     if ok {
         Ok(())
@@ -95,7 +94,16 @@ mod tests {
 
     #[test]
     fn names_cannot_leave_proc_sys() {
-        for bad in ["", "..", "vm..x", "vm/../x", "/etc/passwd", "Vm.x", "vm.", "a b"] {
+        for bad in [
+            "",
+            "..",
+            "vm..x",
+            "vm/../x",
+            "/etc/passwd",
+            "Vm.x",
+            "vm.",
+            "a b",
+        ] {
             assert!(check_sysctl_key(bad).is_err(), "{bad:?}");
         }
         check_sysctl_key("net.ipv4.ip_forward").unwrap();

@@ -32,8 +32,7 @@ pub fn clone_and_exec(
     fd_map: &[(RawFd, RawFd)],
     report_fd: RawFd,
 ) -> Result<Pid, Errno> {
-    if exec.argv.last() != Some(&std::ptr::null()) || exec.envp.last() != Some(&std::ptr::null())
-    {
+    if exec.argv.last() != Some(&std::ptr::null()) || exec.envp.last() != Some(&std::ptr::null()) {
         return Err(Errno::EINVAL);
     }
     // SAFETY: with a NULL stack, clone behaves like fork: the child continues on a
@@ -93,7 +92,10 @@ pub fn clone_and_exec(
 
 /// Parses what `clone_and_exec`'s child writes when `execve` fails.
 pub fn parse_execfail(line: &str) -> Option<i32> {
-    let digits = line.strip_prefix("execfail:")?.trim().trim_start_matches('0');
+    let digits = line
+        .strip_prefix("execfail:")?
+        .trim()
+        .trim_start_matches('0');
     if digits.is_empty() {
         return Some(0);
     }

@@ -423,11 +423,13 @@ pub fn resolve_program(argv0: &str, env: &[String], root: &Path) -> Option<PathB
         .iter()
         .find_map(|kv| kv.strip_prefix("PATH="))
         .unwrap_or(DEFAULT_PATH);
-    path.split(':').filter(|d| d.starts_with('/')).find_map(|d| {
-        let candidate = Path::new(d).join(argv0);
-        let on_node = root.join(candidate.strip_prefix("/").ok()?);
-        on_node.exists().then_some(candidate)
-    })
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .find_map(|d| {
+            let candidate = Path::new(d).join(argv0);
+            let on_node = root.join(candidate.strip_prefix("/").ok()?);
+            on_node.exists().then_some(candidate)
+        })
 }
 
 fn exec_args(plan: &ChildPlan) -> Result<ExecArgs, StepError> {

@@ -5,8 +5,7 @@
 use std::path::Path;
 
 use landlock::{
-    ABI, Access, AccessFs, LandlockStatus, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus,
+    ABI, Access, AccessFs, LandlockStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
 };
 
 /// The newest ABI this build knows; the crate falls back to what the kernel offers.

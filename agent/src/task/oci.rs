@@ -393,7 +393,10 @@ mod tests {
                 .field
         };
         assert_eq!(
-            with("\"hostname\": \"box\"", "\"hostname\": \"box\", \"hooks\": {}"),
+            with(
+                "\"hostname\": \"box\"",
+                "\"hostname\": \"box\", \"hooks\": {}"
+            ),
             "oci_config_json.hooks"
         );
         assert_eq!(
@@ -401,7 +404,10 @@ mod tests {
             "oci_config_json.linux.seccomp"
         );
         assert_eq!(
-            with("\"cwd\": \"/\"", "\"cwd\": \"/\", \"apparmorProfile\": \"x\""),
+            with(
+                "\"cwd\": \"/\"",
+                "\"cwd\": \"/\", \"apparmorProfile\": \"x\""
+            ),
             "oci_config_json.process.apparmorProfile"
         );
         assert_eq!(

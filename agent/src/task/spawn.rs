@@ -159,7 +159,8 @@ pub fn spawn_task(
     let arg1 = CString::new("__task-init").unwrap_or_default();
     let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null()];
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if spec.isolation.network == Network::Isolated {
         flags |= libc::CLONE_NEWNET;
     }
@@ -275,4 +276,3 @@ fn read_report(fd: OwnedFd, timeout: Duration) -> Result<String, SpawnError> {
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
-

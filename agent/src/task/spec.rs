@@ -233,7 +233,10 @@ fn check_string(field: &str, value: &str) -> Result<(), SpecError> {
     if value.len() > MAX_STRING {
         return Err(SpecError::new(
             field,
-            format!("is {} bytes long; at most {MAX_STRING} allowed", value.len()),
+            format!(
+                "is {} bytes long; at most {MAX_STRING} allowed",
+                value.len()
+            ),
         ));
     }
     Ok(())
@@ -262,13 +265,19 @@ impl TaskSpec {
             return Err(SpecError::new("argv", "must name a program in argv[0]"));
         }
         if self.argv.len() > MAX_ARGS {
-            return Err(SpecError::new("argv", format!("at most {MAX_ARGS} arguments")));
+            return Err(SpecError::new(
+                "argv",
+                format!("at most {MAX_ARGS} arguments"),
+            ));
         }
         for (i, a) in self.argv.iter().enumerate() {
             check_string(&format!("argv[{i}]"), a)?;
         }
         if self.env.len() > MAX_ENV {
-            return Err(SpecError::new("env", format!("at most {MAX_ENV} variables")));
+            return Err(SpecError::new(
+                "env",
+                format!("at most {MAX_ENV} variables"),
+            ));
         }
         for (k, v) in &self.env {
             let ok = !k.is_empty()
@@ -287,11 +296,13 @@ impl TaskSpec {
         }
         let rootfs = self.rootfs.to_string_lossy();
         if rootfs.is_empty() {
-            return Err(SpecError::new("rootfs", "is required: an absolute directory"));
+            return Err(SpecError::new(
+                "rootfs",
+                "is required: an absolute directory",
+            ));
         }
         check_string("rootfs", &rootfs)?;
-        if !self.rootfs.is_absolute() || self.rootfs.components().any(|c| c.as_os_str() == "..")
-        {
+        if !self.rootfs.is_absolute() || self.rootfs.components().any(|c| c.as_os_str() == "..") {
             return Err(SpecError::new(
                 "rootfs",
                 format!("{rootfs:?} must be an absolute path without '..'"),
@@ -514,7 +525,17 @@ mod tests {
 
     #[test]
     fn names_that_would_escape_a_path_are_refused() {
-        for bad in ["", "a/../b", "..", "A", "a_b", "-a", "a-", &"x".repeat(64), "a b"] {
+        for bad in [
+            "",
+            "a/../b",
+            "..",
+            "A",
+            "a_b",
+            "-a",
+            "a-",
+            &"x".repeat(64),
+            "a b",
+        ] {
             let mut s = spec();
             s.id = bad.to_string();
             assert_eq!(field_of(s), "id", "{bad:?}");

@@ -331,12 +331,7 @@ impl Supervisor {
         });
     }
 
-    fn started(
-        &self,
-        id: &str,
-        epoch: u64,
-        result: Result<Spawned, super::spawn::SpawnError>,
-    ) {
+    fn started(&self, id: &str, epoch: u64, result: Result<Spawned, super::spawn::SpawnError>) {
         let mut tasks = self.lock();
         let Tasks {
             by_id,
@@ -497,7 +492,11 @@ impl Supervisor {
                     return;
                 };
                 t.restart_pending = false;
-                if draining || t.epoch != epoch || t.life.state() != TaskState::Dead || t.stop.is_some() {
+                if draining
+                    || t.epoch != epoch
+                    || t.life.state() != TaskState::Dead
+                    || t.stop.is_some()
+                {
                     return;
                 }
                 t.restarts += 1;
@@ -534,9 +533,10 @@ impl Supervisor {
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
                     let tasks = this.lock();
-                    let still = tasks.by_id.get(&id).is_some_and(|t| {
-                        t.epoch == epoch && t.life.state() == TaskState::Running
-                    });
+                    let still = tasks
+                        .by_id
+                        .get(&id)
+                        .is_some_and(|t| t.epoch == epoch && t.life.state() == TaskState::Running);
                     drop(tasks);
                     if still {
                         tracing::info!(task_id = %id, "grace period over: SIGKILL");

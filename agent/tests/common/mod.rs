@@ -157,6 +157,28 @@ impl Node {
             .unwrap_or_else(|| panic!("no task {id}"))
     }
 
+    pub async fn status(&mut self) -> pb::NodeStatus {
+        self.client
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn kill(
+        &mut self,
+        id: &str,
+        grace_ms: u32,
+    ) -> Result<pb::KillTaskResponse, tonic::Status> {
+        self.client
+            .kill_task(pb::KillTaskRequest {
+                id: id.into(),
+                grace_ms,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// Polls until `pred` holds for the task; fails with its last status otherwise.
     pub async fn wait_for(
         &mut self,
