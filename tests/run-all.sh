@@ -33,4 +33,4 @@ cargo fmt --all --check
 step "clippy"
 cargo clippy --all-targets -- -D warnings
 step "tests: unit, property, privileged (agent), image"
-cargo test --workspace --all-targets
+cargo test --workspace
