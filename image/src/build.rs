@@ -125,6 +125,7 @@ pub fn build(options: &BuildOptions) -> Result<()> {
             &out.join(INITRAMFS_NAME),
             &boot::grub_cfg(&options.version, &cmdline),
             &out.join("node.iso"),
+            options.source_date_epoch,
         )?;
         artifact_names.push("node.iso");
     } else {
