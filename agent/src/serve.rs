@@ -188,4 +188,7 @@ pub async fn stop_all_tasks(supervisor: &Supervisor, reason: crate::task::state:
     while supervisor.any_running() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Task cgroups are removed a moment after their task ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    supervisor.release_cgroups();
 }

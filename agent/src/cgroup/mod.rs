@@ -110,6 +110,13 @@ impl CgroupRoot {
         Ok(task)
     }
 
+    /// Removes the (empty) parent cgroup on shutdown; a busy one stays.
+    pub fn remove_base(&self) {
+        for (_, dir) in self.dirs(&self.base) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
     fn dirs(&self, rel: &str) -> Vec<(String, PathBuf)> {
         if self.v2 {
             vec![(String::new(), self.mount.join(rel))]

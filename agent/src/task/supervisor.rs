@@ -180,6 +180,11 @@ impl Supervisor {
         self.shared.config.allocatable
     }
 
+    /// Drops celld's parent cgroup once no task needs it (shutdown).
+    pub fn release_cgroups(&self) {
+        self.shared.config.cgroups.remove_base();
+    }
+
     pub fn cgroup_version(&self) -> &'static str {
         self.shared.config.cgroups.version()
     }

@@ -1,0 +1,118 @@
+//! The demo cell on one machine: connects to a running celld, starts a few tasks (a
+//! well-behaved one, a memory hog, a task that tries to escape), and prints what the node
+//! reports about them.
+//!
+//!   cargo run --example demo -- [ADDR] [ROOTFS]
+
+use std::time::Duration;
+
+use celld_proto::v1 as pb;
+use celld_proto::v1::node_client::NodeClient;
+
+fn spec(id: &str, rootfs: &str, memory: u64, argv: &[&str]) -> pb::TaskSpec {
+    pb::TaskSpec {
+        id: id.into(),
+        job: "demo".into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        rootfs: rootfs.into(),
+        resources: Some(pb::Resources {
+            memory_bytes: memory,
+            cpu_millis: 250,
+            pids_max: 32,
+        }),
+        kill_grace_ms: 1000,
+        ..Default::default()
+    }
+}
+
+fn name<T: std::fmt::Debug>(v: Result<T, prost::UnknownEnumValue>) -> String {
+    v.map(|v| format!("{v:?}")).unwrap_or_else(|_| "?".into())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let addr = args.get(1).cloned().unwrap_or("127.0.0.1:7100".into());
+    let rootfs = args
+        .get(2)
+        .cloned()
+        .unwrap_or("/var/lib/celld-demo/rootfs".into());
+    let mut node = NodeClient::connect(format!("http://{addr}")).await?;
+    let tasks = [
+        spec(
+            "hello",
+            &rootfs,
+            16 << 20,
+            &["sh", "-c", "echo hello from $(hostname), pid $$; sleep 3"],
+        ),
+        spec("hog", &rootfs, 32 << 20, &["/bin/celld-probe", "hog"]),
+        spec(
+            "escape",
+            &rootfs,
+            16 << 20,
+            &["/bin/celld-probe", "syscalls"],
+        ),
+    ];
+    for t in tasks {
+        let id = t.id.clone();
+        let r = node.run_task(pb::RunTaskRequest { spec: Some(t) }).await;
+        match r {
+            Ok(_) => println!("started {id}"),
+            Err(e) => println!("{id}: {}", e.message()),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = node
+        .get_status(pb::GetStatusRequest::default())
+        .await?
+        .into_inner();
+    println!(
+        "\nnode {} ({}), kernel {}, cgroup {}, landlock ABI {}, generation {}",
+        status
+            .identity
+            .as_ref()
+            .map(|i| i.hostname.as_str())
+            .unwrap_or(""),
+        status.mode,
+        status.kernel_release,
+        status.cgroup_version,
+        status.landlock_abi,
+        status.generation
+    );
+    println!(
+        "\n{:<8} {:<8} {:<16} {:>6} {:>10} {:>9} {:>5}",
+        "TASK", "STATE", "REASON", "EXIT", "MEM(KiB)", "CPU(ms)", "OOM"
+    );
+    for t in &status.tasks {
+        let u = t.usage.unwrap_or_default();
+        println!(
+            "{:<8} {:<8} {:<16} {:>6} {:>10} {:>9} {:>5}",
+            t.id,
+            name(pb::TaskState::try_from(t.state)),
+            name(pb::TaskReason::try_from(t.reason)),
+            if t.signal != 0 {
+                format!("sig{}", t.signal)
+            } else {
+                t.exit_code.to_string()
+            },
+            u.memory_peak_bytes / 1024,
+            u.cpu_usec / 1000,
+            u.oom_kills
+        );
+    }
+    for id in ["hello", "escape"] {
+        println!("\n-- logs of {id}");
+        let mut logs = node
+            .task_logs(pb::TaskLogsRequest {
+                id: id.into(),
+                follow: false,
+                tail: 20,
+            })
+            .await?
+            .into_inner();
+        while let Some(l) = logs.message().await? {
+            println!("{}", String::from_utf8_lossy(&l.line));
+        }
+    }
+    Ok(())
+}
