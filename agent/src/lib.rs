@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod config;
 pub mod init;
 pub mod kernel;
+pub mod net;
 pub mod node;
 pub mod serve;
 pub mod sys;
