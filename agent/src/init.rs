@@ -80,6 +80,33 @@ const MOUNTS: &[Mount] = &[
     },
 ];
 
+/// Moves PID 1 off the initramfs root. The kernel refuses pivot_root when the current
+/// root is the initial rootfs (it has no parent mount), and every task starts with
+/// pivot_root; a recursive bind of "/" moved over "/" gives the namespace a root that
+/// has a parent, for the cost of two mounts and no copying.
+pub fn leave_initramfs_root() -> Result<(), String> {
+    let staging = Path::new("/.root");
+    let _ = std::fs::create_dir(staging);
+    let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what}: {}", e.desc()));
+    step(
+        "bind / on /.root",
+        mount(
+            Some("/"),
+            staging,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+    )?;
+    step("chdir /.root", nix::unistd::chdir(staging))?;
+    step(
+        "move /.root to /",
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+    )?;
+    step("chroot", nix::unistd::chroot("."))?;
+    step("chdir /", nix::unistd::chdir("/"))
+}
+
 /// Mounts the system filesystems; returns one message per failure.
 pub fn mount_system() -> Vec<String> {
     let mut errors = Vec::new();
@@ -117,6 +144,12 @@ pub fn set_hostname(configured: &str, macs: &[String]) -> Result<String, String>
     };
     nix::unistd::sethostname(&name).map_err(|e| format!("sethostname {name}: {}", e.desc()))?;
     Ok(name)
+}
+
+/// Lets ctrl-alt-del reach PID 1 as SIGINT (a graceful reboot) instead of an
+/// immediate reset.
+pub fn route_ctrl_alt_del() -> Result<(), String> {
+    nix::sys::reboot::set_cad_enabled(false).map_err(|e| format!("reboot(CAD_OFF): {}", e.desc()))
 }
 
 /// Syncs and reboots or powers off. Only returns on failure.

@@ -103,10 +103,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not the serial console's log.
+        .with_ansi(!pid1 && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut init_errors = Vec::new();
     if pid1 {
-        init_errors = celld::init::mount_system();
+        // The panic path: a panic that reaches main ends in `fatal` (log, sync, reboot);
+        // this hook makes sure its message reaches the console first.
+        std::panic::set_hook(Box::new(|info| eprintln!("celld: PANIC: {info}")));
+        if let Err(e) = celld::init::leave_initramfs_root() {
+            init_errors.push(format!("leaving the initramfs root: {e}"));
+        }
+        init_errors.extend(celld::init::mount_system());
+        if let Err(e) = celld::init::route_ctrl_alt_del() {
+            init_errors.push(e);
+        }
     }
     let uptime_at_start = celld::node::uptime_seconds();
     let (config, mut config_errors) = if pid1 {
@@ -146,9 +157,13 @@ fn main() -> ExitCode {
         started,
         uptime_at_start,
     };
-    match runtime.block_on(run(opts, pid1)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fatal(pid1, &e),
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(run(opts, pid1))
+    }));
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => fatal(pid1, &e),
+        Err(_) => fatal(pid1, "panic in the main task"),
     }
 }
 
@@ -183,10 +198,26 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {}: {e}", opts.config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, mode = opts.mode, ready_ms = opts.started.elapsed().as_millis() as u64, "celld serving");
-    let mut power = agent.power.subscribe();
+    let init_to_ready = opts.started.elapsed().as_secs_f64();
+    let boot_to_ready = if pid1 {
+        celld::node::uptime_seconds()
+    } else {
+        0.0
+    };
+    agent.set_ready(boot_to_ready, init_to_ready);
+    tracing::info!(
+        %addr,
+        mode = opts.mode,
+        init_to_ready_ms = init_to_ready * 1000.0,
+        boot_to_ready_s = boot_to_ready,
+        kernel_to_init_s = opts.uptime_at_start,
+        "celld serving"
+    );
+    let power = agent.power.clone();
+    let mut requested = power.subscribe();
     let supervisor = agent.supervisor.clone();
     let shutdown = async move {
+        use celld::api::Power;
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int), Ok(mut pwr)) = (
             signal(SignalKind::terminate()),
@@ -195,12 +226,15 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         ) else {
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            _ = pwr.recv() => tracing::info!("SIGPWR: shutting down"),
-            _ = power.changed() => tracing::info!("power request: shutting down"),
-        }
+        // As PID 1, SIGINT is ctrl-alt-del: a reboot. SIGTERM and SIGPWR power off.
+        let choice = tokio::select! {
+            _ = term.recv() => Power::Poweroff,
+            _ = pwr.recv() => Power::Poweroff,
+            _ = int.recv() => Power::Reboot,
+            _ = requested.changed() => requested.borrow().unwrap_or(Power::Poweroff),
+        };
+        tracing::info!(?choice, "shutting down: stopping tasks");
+        power.send_replace(Some(choice));
     };
     serve(agent.clone(), listener, shutdown)
         .await
@@ -208,6 +242,7 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
     stop_all_tasks(&supervisor, Reason::NodeShutdown).await;
     if pid1 {
         let off = *agent.power.borrow() != Some(celld::api::Power::Reboot);
+        tracing::info!(poweroff = off, "tasks stopped; syncing");
         let e = celld::init::power(off);
         return Err(e);
     }

@@ -73,7 +73,6 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         mode: opts.mode,
         boot_id: node::boot_id(),
         kernel_release: node::kernel_release(),
-        boot_to_ready_seconds: 0.0,
         config_errors: opts.config_errors.clone(),
         state_dir: cfg.state_dir.clone(),
         reserved: celld_proto::v1::Resources {

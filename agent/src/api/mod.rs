@@ -30,7 +30,6 @@ pub struct NodeFacts {
     pub mode: &'static str,
     pub boot_id: String,
     pub kernel_release: String,
-    pub boot_to_ready_seconds: f64,
     pub config_errors: Vec<String>,
     pub state_dir: PathBuf,
     pub reserved: pb::Resources,
@@ -47,6 +46,8 @@ pub struct NodeAgent {
     conditions_since: Mutex<BTreeMap<&'static str, (bool, i64)>>,
     /// Set by Reboot/Poweroff; main decides what that means in its mode.
     pub power: tokio::sync::watch::Sender<Option<Power>>,
+    /// (kernel start to serving, celld start to serving), seconds; set once.
+    ready: std::sync::OnceLock<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +71,12 @@ impl NodeAgent {
             sysctl_root,
             conditions_since: Mutex::new(BTreeMap::new()),
             power: tokio::sync::watch::channel(None).0,
+            ready: std::sync::OnceLock::new(),
         }
+    }
+
+    pub fn set_ready(&self, boot_to_ready: f64, init_to_ready: f64) {
+        let _ = self.ready.set((boot_to_ready, init_to_ready));
     }
 
     /// Applies sysctls and records each result for status.
@@ -138,7 +144,8 @@ impl NodeAgent {
             celld_version: env!("CARGO_PKG_VERSION").into(),
             kernel_release: self.facts.kernel_release.clone(),
             uptime_seconds: node::uptime_seconds(),
-            boot_to_ready_seconds: self.facts.boot_to_ready_seconds,
+            boot_to_ready_seconds: self.ready.get().map(|r| r.0).unwrap_or(0.0),
+            init_to_ready_seconds: self.ready.get().map(|r| r.1).unwrap_or(0.0),
             capacity: Some(capacity),
             allocatable: Some(pb::Resources {
                 memory_bytes: limits.memory_bytes,

@@ -130,11 +130,11 @@ pub fn loopback_up() -> Result<(), Errno> {
         *d = *s as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads into the ifreq we own, on a socket we own.
-    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
     // SAFETY: ifr_ifru is a union; SIOCGIFFLAGS filled its flags member.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
-    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) })?;
     Ok(())
 }
 
@@ -145,7 +145,7 @@ pub fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
 }
 
 /// setrlimit(2) by raw resource number, as task specs name them.
-pub fn set_rlimit(resource: u32, soft: u64, hard: u64) -> Result<(), Errno> {
+pub fn set_rlimit(resource: i64, soft: u64, hard: u64) -> Result<(), Errno> {
     let lim = libc::rlimit {
         rlim_cur: soft,
         rlim_max: hard,

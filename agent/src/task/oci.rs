@@ -381,7 +381,7 @@ mod tests {
         assert_eq!(t.resources.pids_max, 64);
         assert_eq!(t.isolation.network, Network::Isolated);
         assert_eq!(t.isolation.capabilities.len(), 3);
-        assert_eq!(t.isolation.rlimits[0].resource, libc::RLIMIT_NOFILE);
+        assert_eq!(t.isolation.rlimits[0].resource, libc::RLIMIT_NOFILE as i64);
         assert_eq!(t.isolation.hostname, "box");
     }
 

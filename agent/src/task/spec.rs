@@ -90,7 +90,7 @@ pub struct Resources {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rlimit {
     /// libc RLIMIT_* number.
-    pub resource: u32,
+    pub resource: i64,
     pub name: String,
     pub soft: u64,
     pub hard: u64,
@@ -442,23 +442,23 @@ pub fn parse_capability(field: &str, name: &str) -> Result<caps::Capability, Spe
     })
 }
 
-const RLIMITS: &[(&str, u32)] = &[
-    ("CPU", libc::RLIMIT_CPU),
-    ("FSIZE", libc::RLIMIT_FSIZE),
-    ("DATA", libc::RLIMIT_DATA),
-    ("STACK", libc::RLIMIT_STACK),
-    ("CORE", libc::RLIMIT_CORE),
-    ("RSS", libc::RLIMIT_RSS),
-    ("NPROC", libc::RLIMIT_NPROC),
-    ("NOFILE", libc::RLIMIT_NOFILE),
-    ("MEMLOCK", libc::RLIMIT_MEMLOCK),
-    ("AS", libc::RLIMIT_AS),
-    ("LOCKS", libc::RLIMIT_LOCKS),
-    ("SIGPENDING", libc::RLIMIT_SIGPENDING),
-    ("MSGQUEUE", libc::RLIMIT_MSGQUEUE),
-    ("NICE", libc::RLIMIT_NICE),
-    ("RTPRIO", libc::RLIMIT_RTPRIO),
-    ("RTTIME", libc::RLIMIT_RTTIME),
+const RLIMITS: &[(&str, i64)] = &[
+    ("CPU", libc::RLIMIT_CPU as i64),
+    ("FSIZE", libc::RLIMIT_FSIZE as i64),
+    ("DATA", libc::RLIMIT_DATA as i64),
+    ("STACK", libc::RLIMIT_STACK as i64),
+    ("CORE", libc::RLIMIT_CORE as i64),
+    ("RSS", libc::RLIMIT_RSS as i64),
+    ("NPROC", libc::RLIMIT_NPROC as i64),
+    ("NOFILE", libc::RLIMIT_NOFILE as i64),
+    ("MEMLOCK", libc::RLIMIT_MEMLOCK as i64),
+    ("AS", libc::RLIMIT_AS as i64),
+    ("LOCKS", libc::RLIMIT_LOCKS as i64),
+    ("SIGPENDING", libc::RLIMIT_SIGPENDING as i64),
+    ("MSGQUEUE", libc::RLIMIT_MSGQUEUE as i64),
+    ("NICE", libc::RLIMIT_NICE as i64),
+    ("RTPRIO", libc::RLIMIT_RTPRIO as i64),
+    ("RTTIME", libc::RLIMIT_RTTIME as i64),
 ];
 
 /// Parses an rlimit name (`RLIMIT_NOFILE` or `nofile`).
@@ -627,7 +627,7 @@ mod tests {
         assert_eq!(parse_capability("c", "CAP_FLY").unwrap_err().field, "c");
         assert_eq!(
             parse_rlimit("r", "nofile", 1, 2).unwrap().resource,
-            libc::RLIMIT_NOFILE
+            libc::RLIMIT_NOFILE as i64
         );
         assert!(parse_rlimit("r", "RLIMIT_BOGUS", 1, 2).is_err());
     }
