@@ -87,11 +87,14 @@ impl Lab {
 
     /// Re-runs `test` of this binary in `ns` as `role` with `env`; returns its output.
     fn run_client(&self, ns: &str, test: &str, role: &str, env: &[(&str, &str)]) -> String {
-        let timeout = Duration::from_secs(60);
+        self.spawn_client(ns, test, role, env).finish()
+    }
+
+    fn spawn_client(&self, ns: &str, test: &str, role: &str, env: &[(&str, &str)]) -> ClientRun {
         let out_path = self.path(&format!("{role}.out"));
         let out = std::fs::File::create(&out_path).unwrap();
         let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new("ip")
+        let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(exe)
             .args([test, "--exact", "--nocapture", "--test-threads=1"])
@@ -102,23 +105,103 @@ impl Lab {
             .stderr(out)
             .spawn()
             .unwrap();
+        ClientRun {
+            child,
+            out: out_path,
+            ns: ns.to_string(),
+        }
+    }
+
+    /// Starts dnsmasq on `iface` in `ns`, logging to `log`; returns once it serves.
+    fn start_dnsmasq(&mut self, ns: &str, iface: &str, log: &Path, args: &[&str]) -> usize {
+        let dnsmasq = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+            ])
+            .arg(format!("--interface={iface}"))
+            .args([
+                "--bind-interfaces",
+                "--port=0",
+                "--log-dhcp",
+                "--log-facility=-",
+            ])
+            // dnsmasq otherwise holds the first OFFER ~3 s for an ICMP probe of the
+            // address; the time to address printed by the tests should be the client's.
+            .arg("--no-ping")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start dnsmasq");
+        self.processes.push(dnsmasq);
+        wait_for_text(log, "DHCP, IP range", Duration::from_secs(5));
+        self.processes.len() - 1
+    }
+
+    fn stop_process(&mut self, index: usize) {
+        let p = &mut self.processes[index];
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
+
+/// Waits until `path` contains `text`; panics with what it does contain otherwise.
+fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = std::fs::read_to_string(path).unwrap_or_default();
+        if now.contains(text) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no {text:?} after {timeout:?}:\n{now}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A client re-run of this binary; killed if the test fails before it finishes.
+struct ClientRun {
+    child: Child,
+    out: PathBuf,
+    ns: String,
+}
+
+impl ClientRun {
+    fn finish(mut self) -> String {
+        let timeout = Duration::from_secs(60);
         let deadline = Instant::now() + timeout;
         let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
+            if let Some(s) = self.child.try_wait().unwrap() {
                 break Some(s);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
                 break None;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let text = std::fs::read_to_string(&out_path).unwrap();
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let ns = &self.ns;
         match status {
             Some(s) if s.success() => text,
             Some(s) => panic!("client in {ns} failed ({s}):\n{text}"),
             None => panic!("client in {ns} did not finish in {timeout:?}:\n{text}"),
+        }
+    }
+}
+
+impl Drop for ClientRun {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -217,42 +300,22 @@ fn dhcp_gets_address_route_dns_and_renews() {
     let mut lab = Lab::new(&[&srv_ns, &cli_ns]);
     lab.veth(&srv_ns, &srv_if, "10.77.0.1/24", &cli_ns, &cli_if);
     let log_path = lab.path("dnsmasq.log");
-    let dnsmasq = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &srv_ns,
-            "dnsmasq",
-            "--no-daemon",
-            "--conf-file=/dev/null",
-        ])
-        .arg(format!("--interface={srv_if}"))
-        .args([
-            "--bind-interfaces",
-            "--port=0",
-            "--log-dhcp",
-            "--log-facility=-",
-        ])
-        // dnsmasq otherwise holds the first OFFER ~3 s for an ICMP probe of the address;
-        // the time to address printed below should be the client's.
-        .arg("--no-ping")
-        // dnsmasq's shortest lease is 2 minutes; T1/T2 make the client renew in seconds.
-        .args(["--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2m"])
-        .args(["--dhcp-option=option:T1,4", "--dhcp-option=option:T2,8"])
-        .args(["--dhcp-option=option:router,10.77.0.1"])
-        .args(["--dhcp-option=option:dns-server,10.77.0.53"])
-        .arg(format!("--dhcp-leasefile={}", lab.path("leases").display()))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .expect("start dnsmasq");
-    lab.processes.push(dnsmasq);
+    let leases = format!("--dhcp-leasefile={}", lab.path("leases").display());
+    lab.start_dnsmasq(
+        &srv_ns,
+        &srv_if,
+        &log_path,
+        &[
+            // dnsmasq's shortest lease is 2 minutes; T1/T2 make the client renew in seconds.
+            "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2m",
+            "--dhcp-option=option:T1,4",
+            "--dhcp-option=option:T2,8",
+            "--dhcp-option=option:router,10.77.0.1",
+            "--dhcp-option=option:dns-server,10.77.0.53",
+            &leases,
+        ],
+    );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let ready = Instant::now() + Duration::from_secs(5);
-    while !log().contains("DHCP, IP range") {
-        assert!(Instant::now() < ready, "dnsmasq did not start:\n{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     let test = "dhcp_gets_address_route_dns_and_renews";
     let out = lab.run_client(&cli_ns, test, "dhcp", &[]);
@@ -368,4 +431,129 @@ fn static_ip_param_configures_address_and_route() {
         "-W2",
         "10.78.0.1",
     ]);
+}
+
+/// Client side of the rebind test: get a lease, then wait for a different address.
+fn rebind_client(dir: &Path) {
+    client_runtime().block_on(async {
+        let cfg = NetConfig {
+            resolv_conf: Some(dir.join("resolv.conf")),
+            dhcp_timeout: Duration::from_secs(20),
+            ..NetConfig::default()
+        };
+        let handle = net::bring_up(&cfg).await;
+        let first = handle.report();
+        print_report(&first);
+        let old = first.interfaces[0].address;
+        assert!(old.is_some(), "no first lease: {first:?}");
+        let mut watch = handle.watch();
+        let moved = tokio::time::timeout(
+            Duration::from_secs(40),
+            watch.wait_for(|r| r.interfaces[0].address.is_some_and(|a| Some(a) != old)),
+        )
+        .await;
+        assert!(
+            moved.is_ok(),
+            "no new lease within 40 s: {:?}",
+            handle.report()
+        );
+        print_report(&handle.report());
+        println!("MOVED");
+        handle.stop();
+    });
+}
+
+/// The server of the first lease vanishes: RENEW (unicast) goes unanswered until T2, the
+/// REBIND broadcast reaches another server, which refuses the lease (NAK); the client
+/// drops the address and discovers a new one.
+#[test]
+fn dhcp_rebinds_and_rediscovers_when_the_server_is_replaced() {
+    if std::env::var(ROLE).as_deref() == Ok("rebind") {
+        return rebind_client(Path::new(&std::env::var(DIR).unwrap()));
+    }
+    require_root_and_tools();
+    let pid = std::process::id();
+    let (srv_ns, cli_ns) = (format!("celld-rbs-{pid}"), format!("celld-rbc-{pid}"));
+    let (srv_if, cli_if) = (format!("rbs{pid}"), format!("rbc{pid}"));
+    let mut lab = Lab::new(&[&srv_ns, &cli_ns]);
+    lab.veth(&srv_ns, &srv_if, "10.79.0.1/24", &cli_ns, &cli_if);
+    let first_log = lab.path("first.log");
+    let first_leases = format!("--dhcp-leasefile={}", lab.path("first.leases").display());
+    let first = lab.start_dnsmasq(
+        &srv_ns,
+        &srv_if,
+        &first_log,
+        &[
+            "--dhcp-range=10.79.0.50,10.79.0.60,255.255.255.0,2m",
+            "--dhcp-option=option:T1,2",
+            "--dhcp-option=option:T2,5",
+            "--dhcp-option=option:router,10.79.0.1",
+            &first_leases,
+        ],
+    );
+    let test = "dhcp_rebinds_and_rediscovers_when_the_server_is_replaced";
+    let client = lab.spawn_client(&cli_ns, test, "rebind", &[]);
+    let out = wait_for_text(&client.out, "REPORT ", Duration::from_secs(25));
+    let old: Ipv4Addr = line(&out, "REPORT ")[1].parse().unwrap();
+
+    // The first server goes, with its address: unicast RENEWs to 10.79.0.1 now fall
+    // into the void. The second server has another address and other leases.
+    lab.stop_process(first);
+    run(&["ip", "-n", &srv_ns, "addr", "flush", "dev", &srv_if]);
+    run(&[
+        "ip",
+        "-n",
+        &srv_ns,
+        "addr",
+        "add",
+        "10.79.0.2/24",
+        "dev",
+        &srv_if,
+    ]);
+    let second_log = lab.path("second.log");
+    let second_leases = format!("--dhcp-leasefile={}", lab.path("second.leases").display());
+    lab.start_dnsmasq(
+        &srv_ns,
+        &srv_if,
+        &second_log,
+        &[
+            "--dhcp-authoritative",
+            "--dhcp-range=10.79.0.100,10.79.0.110,255.255.255.0,2m",
+            "--dhcp-option=option:router,10.79.0.2",
+            &second_leases,
+        ],
+    );
+    let out = client.finish();
+    println!("{out}");
+    assert!(out.contains("MOVED"), "{out}");
+    let reports: Vec<&str> = out.lines().filter(|l| l.starts_with("REPORT ")).collect();
+    let last: Vec<&str> = reports.last().unwrap().split_whitespace().collect();
+    let new: Ipv4Addr = last[2].parse().unwrap();
+    assert!(
+        (Ipv4Addr::new(10, 79, 0, 100)..=Ipv4Addr::new(10, 79, 0, 110)).contains(&new),
+        "{new} is not from the second server"
+    );
+    assert_eq!(&last[3..7], ["24", "10.79.0.2", "120", "10.79.0.2"]);
+
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    println!("second dnsmasq log:\n{log}");
+    // The REBIND: a broadcast REQUEST for the old address, refused.
+    assert!(
+        log.contains(&format!("DHCPREQUEST({srv_if}) {old}")),
+        "{log}"
+    );
+    assert!(log.contains(&format!("DHCPNAK({srv_if}) {old}")), "{log}");
+    assert!(log.contains(&format!("DHCPACK({srv_if}) {new}")), "{log}");
+    let addrs = run(&["ip", "-n", &cli_ns, "-4", "addr", "show", "dev", &cli_if]);
+    assert!(addrs.contains(&format!("inet {new}/24")), "{addrs}");
+    assert!(
+        !addrs.contains(&format!("inet {old}/")),
+        "old address kept:\n{addrs}"
+    );
+    let routes = run(&["ip", "-n", &cli_ns, "route"]);
+    assert!(routes.contains("default via 10.79.0.2"), "{routes}");
+    assert!(
+        !routes.contains("via 10.79.0.1 "),
+        "route via the old router kept:\n{routes}"
+    );
 }
