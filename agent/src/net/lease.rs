@@ -41,7 +41,17 @@ impl Reporter {
     }
 
     fn fail(&self, error: String) {
-        tracing::warn!(error, "network interface");
+        let iface = self
+            .tx
+            .borrow()
+            .interfaces
+            .get(self.index)
+            .map(|i| i.name.clone());
+        tracing::warn!(
+            iface = iface.unwrap_or_default(),
+            error,
+            "network interface"
+        );
         self.update(|r| {
             r.error = Some(error);
             r.settled = true;

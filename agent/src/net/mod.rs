@@ -180,6 +180,14 @@ pub async fn bring_up(cfg: &NetConfig) -> NetHandle {
             };
         }
     };
+    if interfaces.is_empty() && !matches!(cfg.param, IpParam::Off) {
+        let error = format!(
+            "no Ethernet interface in {}: is the NIC driver in the kernel?",
+            cfg.sys_class_net.display()
+        );
+        tracing::error!(error, "network not configured");
+        tx.send_modify(|r| r.error = Some(error));
+    }
     tx.send_modify(|r| {
         r.interfaces = interfaces
             .iter()
@@ -207,4 +215,101 @@ pub async fn bring_up(cfg: &NetConfig) -> NetHandle {
         tracing::info!(iface = %i.name, mac = %i.mac, address = ?i.address, prefix_len = i.prefix_len, gateway = ?i.gateway, lease_secs = ?i.lease_secs, server = ?i.server, error = ?i.error, "network interface");
     }
     NetHandle { report: rx, tasks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake /sys/class/net: bring_up must decide these cases without touching the kernel.
+    fn fake_sys(names: &[&str]) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        for (i, name) in names.iter().enumerate() {
+            let d = t.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("type"), "1\n").unwrap();
+            std::fs::write(d.join("ifindex"), format!("{}\n", i + 2)).unwrap();
+            std::fs::write(d.join("address"), format!("52:54:00:00:00:0{i}\n")).unwrap();
+        }
+        t
+    }
+
+    fn cfg(sys: &std::path::Path, param: &str) -> NetConfig {
+        NetConfig {
+            param: parse_ip_value(param).unwrap(),
+            sys_class_net: sys.to_path_buf(),
+            resolv_conf: None,
+            ..NetConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn off_lists_interfaces_and_configures_nothing() {
+        let sys = fake_sys(&["eth1", "eth0"]);
+        let r = bring_up(&cfg(sys.path(), "off")).await.report();
+        let names: Vec<_> = r.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "eth1"]);
+        assert_eq!(r.interfaces[0].mac, "52:54:00:00:00:01");
+        assert!(
+            r.interfaces
+                .iter()
+                .all(|i| i.address.is_none() && i.error.is_none())
+        );
+        assert_eq!(r.error, None);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_does_not_exist_is_named_in_the_error() {
+        let sys = fake_sys(&["eth0"]);
+        for param in ["10.0.0.5:::255.255.255.0::eth9:off", ":::::eth9:dhcp"] {
+            let started = std::time::Instant::now();
+            let r = bring_up(&cfg(sys.path(), param)).await.report();
+            let e = r.error.unwrap();
+            assert!(e.contains("\"eth9\"") && e.contains("have: eth0"), "{e}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "waited for nothing"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_sysfs_or_no_nic_is_an_error_not_a_hang() {
+        let sys = fake_sys(&[]);
+        let r = bring_up(&cfg(&sys.path().join("nope"), "dhcp"))
+            .await
+            .report();
+        assert!(r.error.unwrap().contains("cannot list interfaces"));
+        let r = bring_up(&cfg(sys.path(), "dhcp")).await.report();
+        assert!(r.error.unwrap().contains("no Ethernet interface"));
+    }
+
+    #[test]
+    fn console_line_says_what_the_interface_has() {
+        let mut i = InterfaceReport {
+            name: "eth0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            source: Source::Dhcp,
+            address: Some(Ipv4Addr::new(10, 0, 0, 5)),
+            prefix_len: 24,
+            gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            lease_secs: Some(3600),
+            server: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        };
+        assert_eq!(
+            i.to_string(),
+            "eth0 52:54:00:00:00:01 10.0.0.5/24 via 10.0.0.1 (DHCP lease 3600 s from 10.0.0.1)"
+        );
+        i = InterfaceReport {
+            name: "eth1".into(),
+            mac: "52:54:00:00:00:02".into(),
+            error: Some("no carrier after 5 s".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            i.to_string(),
+            "eth1 52:54:00:00:00:02: no carrier after 5 s"
+        );
+    }
 }
