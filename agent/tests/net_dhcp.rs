@@ -218,10 +218,11 @@ impl Drop for Lab {
     }
 }
 
-/// The line `key ...` the client printed, split into words.
+/// What follows `key` on the first line the client printed with it, split into words
+/// (the test harness may have printed "test name ... " before it on the same line).
 fn line<'a>(out: &'a str, key: &str) -> Vec<&'a str> {
     out.lines()
-        .find_map(|l| l.strip_prefix(key))
+        .find_map(|l| l.split_once(key).map(|(_, rest)| rest))
         .unwrap_or_else(|| panic!("client printed no {key:?} line:\n{out}"))
         .split_whitespace()
         .collect()
@@ -555,5 +556,108 @@ fn dhcp_rebinds_and_rediscovers_when_the_server_is_replaced() {
     assert!(
         !routes.contains("via 10.79.0.1 "),
         "route via the old router kept:\n{routes}"
+    );
+}
+
+/// Client side of the several-NICs test: short deadlines, print what came of each.
+fn several_client() {
+    client_runtime().block_on(async {
+        let cfg = NetConfig {
+            resolv_conf: None,
+            carrier_timeout: Duration::from_secs(1),
+            dhcp_timeout: Duration::from_secs(3),
+            ..NetConfig::default()
+        };
+        let started = Instant::now();
+        let handle = net::bring_up(&cfg).await;
+        println!("RETURNED_MS {}", started.elapsed().as_millis());
+        for i in handle.report().interfaces {
+            println!(
+                "IFACE {} {}",
+                i.name,
+                i.address.map_or("-".into(), |a| a.to_string())
+            );
+            println!("ERROR {} {}", i.name, i.error.unwrap_or_default());
+        }
+        handle.stop();
+    });
+}
+
+/// One NIC with a DHCP server, one with carrier but no server, one without carrier:
+/// `bring_up` configures the first, reports the others, and returns within its deadline.
+#[test]
+fn dhcp_on_several_nics_reports_the_dead_ones_and_returns() {
+    if std::env::var(ROLE).as_deref() == Ok("several") {
+        return several_client();
+    }
+    require_root_and_tools();
+    let pid = std::process::id();
+    let (srv_ns, cli_ns) = (format!("celld-svs-{pid}"), format!("celld-svc-{pid}"));
+    let (served, silent, unplugged) = (
+        format!("sva{pid}"),
+        format!("svb{pid}"),
+        format!("svc{pid}"),
+    );
+    let mut lab = Lab::new(&[&srv_ns, &cli_ns]);
+    lab.veth(
+        &srv_ns,
+        &format!("pa{pid}"),
+        "10.80.0.1/24",
+        &cli_ns,
+        &served,
+    );
+    lab.veth(
+        &srv_ns,
+        &format!("pb{pid}"),
+        "10.81.0.1/24",
+        &cli_ns,
+        &silent,
+    );
+    lab.veth(
+        &srv_ns,
+        &format!("pc{pid}"),
+        "10.82.0.1/24",
+        &cli_ns,
+        &unplugged,
+    );
+    run(&[
+        "ip",
+        "-n",
+        &srv_ns,
+        "link",
+        "set",
+        &format!("pc{pid}"),
+        "down",
+    ]);
+    let log = lab.path("dnsmasq.log");
+    let leases = format!("--dhcp-leasefile={}", lab.path("leases").display());
+    lab.start_dnsmasq(
+        &srv_ns,
+        &format!("pa{pid}"),
+        &log,
+        &[
+            "--dhcp-range=10.80.0.50,10.80.0.60,255.255.255.0,2m",
+            "--dhcp-option=option:router,10.80.0.1",
+            &leases,
+        ],
+    );
+    let test = "dhcp_on_several_nics_reports_the_dead_ones_and_returns";
+    let out = lab.run_client(&cli_ns, test, "several", &[]);
+    println!("{out}");
+    let returned: u64 = line(&out, "RETURNED_MS ")[0].parse().unwrap();
+    // carrier_timeout + dhcp_timeout + 1 s of slack, and a little for a loaded machine.
+    assert!(returned < 6_000, "bring_up took {returned} ms");
+    let address = line(&out, &format!("IFACE {served} "))[0];
+    assert!(address.starts_with("10.80.0."), "{out}");
+    assert_eq!(line(&out, &format!("IFACE {silent} ")), ["-"]);
+    assert_eq!(line(&out, &format!("IFACE {unplugged} ")), ["-"]);
+    let silent_error = line(&out, &format!("ERROR {silent} ")).join(" ");
+    assert!(silent_error.contains("no DHCP OFFER"), "{silent_error}");
+    let unplugged_error = line(&out, &format!("ERROR {unplugged} ")).join(" ");
+    assert!(unplugged_error.contains("no carrier"), "{unplugged_error}");
+    let routes = run(&["ip", "-n", &cli_ns, "route"]);
+    assert!(
+        routes.contains(&format!("default via 10.80.0.1 dev {served}")),
+        "{routes}"
     );
 }
