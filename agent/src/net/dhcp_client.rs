@@ -202,6 +202,11 @@ impl DhcpClient {
                 return Ok(reply);
             }
             tracing::warn!(iface = %self.iface.name, server = %reply.server, "DHCP NAK while requesting an offer; discovering again");
+            // A server that NAKs its own offers would otherwise be hammered in a loop.
+            tokio::time::sleep(
+                Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
         }
     }
 
