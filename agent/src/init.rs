@@ -14,6 +14,8 @@ struct Mount {
     fstype: &'static str,
     flags: MsFlags,
     data: Option<&'static str>,
+    /// Options to retry with when the kernel refuses `data` (an older kernel).
+    fallback: Option<&'static str>,
 }
 
 const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
@@ -28,6 +30,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "proc",
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
+        fallback: None,
     },
     Mount {
         source: "sysfs",
@@ -35,6 +38,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "sysfs",
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
+        fallback: None,
     },
     Mount {
         source: "devtmpfs",
@@ -42,6 +46,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "devtmpfs",
         flags: MsFlags::MS_NOSUID,
         data: Some("mode=0755"),
+        fallback: None,
     },
     Mount {
         source: "devpts",
@@ -49,6 +54,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "devpts",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
         data: Some("gid=5,mode=0620,ptmxmode=0666"),
+        fallback: None,
     },
     Mount {
         source: "shm",
@@ -56,6 +62,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: NOSUID_NODEV_NOEXEC,
         data: Some("mode=1777"),
+        fallback: None,
     },
     Mount {
         source: "run",
@@ -63,6 +70,7 @@ const MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=0755"),
+        fallback: None,
     },
     Mount {
         source: "tmp",
@@ -70,13 +78,17 @@ const MOUNTS: &[Mount] = &[
         fstype: "tmpfs",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: Some("mode=1777"),
+        fallback: None,
     },
     Mount {
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
         flags: NOSUID_NODEV_NOEXEC,
-        data: Some("nsdelegate"),
+        // favordynmods: moving a process into a cgroup (every task start) does not wait
+        // for an RCU grace period.
+        data: Some("nsdelegate,favordynmods"),
+        fallback: Some("nsdelegate"),
     },
 ];
 
@@ -113,7 +125,11 @@ pub fn mount_system() -> Vec<String> {
     for m in MOUNTS {
         let target = Path::new(m.target);
         let _ = std::fs::create_dir_all(target);
-        if let Err(e) = mount(Some(m.source), target, Some(m.fstype), m.flags, m.data) {
+        let mut result = mount(Some(m.source), target, Some(m.fstype), m.flags, m.data);
+        if result == Err(nix::errno::Errno::EINVAL) && m.fallback.is_some() {
+            result = mount(Some(m.source), target, Some(m.fstype), m.flags, m.fallback);
+        }
+        if let Err(e) = result {
             // devtmpfs may be mounted by the kernel already (CONFIG_DEVTMPFS_MOUNT).
             if e != nix::errno::Errno::EBUSY {
                 errors.push(format!("mount {} on {}: {}", m.fstype, m.target, e.desc()));

@@ -182,6 +182,35 @@ fn fatal(pid1: bool, msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// DHCP on every NIC with carrier, or the kernel's `ip=`; a bad `ip=` falls back to DHCP.
+async fn bring_up_network(config: &NodeConfig) -> celld::net::NetHandle {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut cfg = celld::net::NetConfig {
+        hostname: nix::unistd::gethostname()
+            .ok()
+            .map(|h| h.to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    match celld::net::parse_ip_param(&cmdline) {
+        Ok(Some(param)) => cfg.param = param,
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "kernel command line ip= ignored; using DHCP"),
+    }
+    let _ = config;
+    let handle = celld::net::bring_up(&cfg).await;
+    for i in handle.report().interfaces {
+        tracing::info!(
+            interface = %i.name,
+            mac = %i.mac,
+            address = ?i.address,
+            gateway = ?i.gateway,
+            error = ?i.error,
+            "network"
+        );
+    }
+    handle
+}
+
 async fn run(opts: Options, pid1: bool) -> Result<(), String> {
     let agent = build_agent(&opts).map_err(|e| e.to_string())?;
     start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
@@ -194,6 +223,12 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
             tracing::error!(error = %e, "loopback");
         }
     }
+    // Kept alive for the whole run: it renews DHCP leases.
+    let _network = if pid1 {
+        Some(bring_up_network(&opts.config).await)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(&opts.config.listen)
         .await
         .map_err(|e| format!("listen on {}: {e}", opts.config.listen))?;

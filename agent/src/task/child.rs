@@ -3,7 +3,9 @@
 //!
 //! Being a fresh single-threaded process, it may allocate, read files and use every
 //! library freely, which the child side of a clone in multi-threaded celld could not. It
-//! reads its plan from fd 3, builds the task's world step by step, and finally execs the
+//! reads its plan from fd 3 (a little-endian u32 length, then JSON), builds the task's
+//! world step by step, waits for the "go" byte that says it is in the task's cgroup, and
+//! finally execs the
 //! task's program, which keeps its pid. Any failure is written to fd 4 as
 //! `error <step> <errno> <detail>` and the helper exits; success is fd 4 closing on exec.
 
@@ -24,6 +26,8 @@ use crate::sys;
 
 pub const PLAN_FD: i32 = 3;
 pub const REPORT_FD: i32 = 4;
+/// Sent on the plan fd once the helper's pid is in the task's cgroup.
+pub const GO: &[u8] = b"g";
 
 /// Everything the helper needs, serialized by celld.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -92,7 +96,9 @@ pub fn run() -> ! {
         }
     };
     let mut report = fs::File::from(report_fd);
-    let result = read_plan(plan_fd).and_then(|plan| setup_and_exec(&plan, &mut report));
+    let mut plan_file = fs::File::from(plan_fd);
+    let result = read_plan(&mut plan_file)
+        .and_then(|plan| setup_and_exec(&plan, &mut plan_file, &mut report));
     if let Err(e) = result {
         let detail = e.detail.replace('\n', " ");
         let _ = writeln!(report, "error {} {} {}", e.step, e.errno, detail);
@@ -104,11 +110,19 @@ fn take_fd(fd: i32) -> Option<OwnedFd> {
     sys::take_inherited_fd(fd)
 }
 
-fn read_plan(fd: OwnedFd) -> Result<ChildPlan, StepError> {
-    let mut buf = Vec::new();
-    fs::File::from(fd)
-        .read_to_end(&mut buf)
-        .step("read-plan", "fd 3")?;
+fn read_plan(file: &mut fs::File) -> Result<ChildPlan, StepError> {
+    let mut len = [0u8; 4];
+    file.read_exact(&mut len).step("read-plan", "length")?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > 16 << 20 {
+        return Err(StepError {
+            step: "read-plan",
+            errno: libc::EINVAL,
+            detail: format!("plan of {len} bytes"),
+        });
+    }
+    let mut buf = vec![0u8; len];
+    file.read_exact(&mut buf).step("read-plan", "body")?;
     serde_json::from_slice(&buf).map_err(|e| StepError {
         step: "read-plan",
         errno: libc::EINVAL,
@@ -116,10 +130,26 @@ fn read_plan(fd: OwnedFd) -> Result<ChildPlan, StepError> {
     })
 }
 
-fn setup_and_exec(plan: &ChildPlan, report: &mut fs::File) -> Result<(), StepError> {
-    // celld placed us in the task's cgroup before sending the plan: a cgroup namespace
-    // made now is rooted there, so the task sees its own cgroup as "/".
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).step("unshare-cgroup", "")?;
+/// Blocks until celld says the helper is in the task's cgroup.
+fn wait_for_go(file: &mut fs::File) -> Result<(), StepError> {
+    let mut b = [0u8; 1];
+    file.read_exact(&mut b)
+        .step("wait-cgroup", "celld went away")?;
+    if b != GO {
+        return Err(StepError {
+            step: "wait-cgroup",
+            errno: libc::EPROTO,
+            detail: format!("unexpected byte {}", b[0]),
+        });
+    }
+    Ok(())
+}
+
+fn setup_and_exec(
+    plan: &ChildPlan,
+    plan_file: &mut fs::File,
+    report: &mut fs::File,
+) -> Result<(), StepError> {
     nix::unistd::setsid().step("setsid", "")?;
     sethostname(&plan.hostname).step("sethostname", &plan.hostname)?;
     if plan.isolated_net {
@@ -127,6 +157,11 @@ fn setup_and_exec(plan: &ChildPlan, report: &mut fs::File) -> Result<(), StepErr
     }
     build_root(plan)?;
     enter_root(plan)?;
+    wait_for_go(plan_file)?;
+    // Now in the task's cgroup: a cgroup namespace made here is rooted there, so the task
+    // sees its own cgroup as "/".
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).step("unshare-cgroup", "")?;
+    // (while CAP_SYS_ADMIN is still held: the capabilities are cut below.)
     for rl in &plan.rlimits {
         sys::set_rlimit(rl.resource, rl.soft, rl.hard).step("setrlimit", &rl.name)?;
     }

@@ -35,8 +35,15 @@ pub const MAX_LINE: usize = 16 * 1024;
 struct Inner {
     lines: VecDeque<LogLine>,
     next_seq: u64,
+    path: Option<PathBuf>,
+    /// Open only while a pipe is being read, so finished tasks hold no descriptor.
     file: Option<std::fs::File>,
+    pumps: usize,
 }
+
+/// Room for followers that fall behind; a lagging follower skips ahead rather than
+/// holding memory for it.
+const FOLLOW_BUFFER: usize = 256;
 
 /// The log of one task, shared by its pipe readers and its readers over gRPC.
 #[derive(Clone)]
@@ -47,22 +54,46 @@ pub struct TaskLog {
 
 impl TaskLog {
     /// `file`: where lines are appended (None keeps them in memory only).
-    pub fn new(file: Option<PathBuf>) -> Self {
-        let file = file.and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .ok()
-        });
-        let (tx, _) = broadcast::channel(1024);
+    pub fn new(path: Option<PathBuf>) -> Self {
+        let (tx, _) = broadcast::channel(FOLLOW_BUFFER);
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 lines: VecDeque::new(),
                 next_seq: 1,
-                file,
+                path,
+                file: None,
+                pumps: 0,
             })),
             tx,
+        }
+    }
+
+    /// The file lines are appended to, if any.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.inner.lock().ok().and_then(|i| i.path.clone())
+    }
+
+    fn pump_started(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.pumps += 1;
+            if inner.file.is_none() {
+                inner.file = inner.path.as_ref().and_then(|p| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .ok()
+                });
+            }
+        }
+    }
+
+    fn pump_ended(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.pumps = inner.pumps.saturating_sub(1);
+            if inner.pumps == 0 {
+                inner.file = None;
+            }
         }
     }
 
@@ -113,6 +144,12 @@ impl TaskLog {
 
     /// Reads a pipe until EOF, one entry per line.
     pub async fn pump<R: tokio::io::AsyncRead + Unpin>(self, stream: Stream, reader: R) {
+        self.pump_started();
+        self.pump_lines(stream, reader).await;
+        self.pump_ended();
+    }
+
+    async fn pump_lines<R: tokio::io::AsyncRead + Unpin>(&self, stream: Stream, reader: R) {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
         loop {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::child::{ChildPlan, PLAN_FD, REPORT_FD, resolve_program};
+use super::child::{ChildPlan, GO, PLAN_FD, REPORT_FD, resolve_program};
 use super::seccomp::Profile;
 use super::spec::{Network, SpecError, TaskSpec};
 use crate::cgroup::{CgroupRoot, TaskCgroup};
@@ -188,15 +188,28 @@ pub fn spawn_task(
     let kill_helper = || {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     };
+    // The plan goes first so the helper builds the task's root while its pid is moved
+    // into the cgroup (on cgroup v1 that write alone can take milliseconds); the "go"
+    // byte after it releases the helper to join the cgroup namespace and exec.
+    let mut plan_w = std::fs::File::from(plan_w);
+    let mut message = (plan.len() as u32).to_le_bytes().to_vec();
+    message.extend_from_slice(&plan);
+    if let Err(e) = plan_w.write_all(&message) {
+        kill_helper();
+        return Err(with_pid(fail(
+            "send-plan",
+            e.raw_os_error().unwrap_or(0),
+            e.to_string(),
+        )));
+    }
     if let Err(e) = cgroup.add_pid(pid_u) {
         kill_helper();
         return Err(with_pid(fail("cgroup", 0, e.to_string())));
     }
-    let mut plan_w = std::fs::File::from(plan_w);
-    if let Err(e) = plan_w.write_all(&plan) {
+    if let Err(e) = plan_w.write_all(GO) {
         kill_helper();
         return Err(with_pid(fail(
-            "send-plan",
+            "send-go",
             e.raw_os_error().unwrap_or(0),
             e.to_string(),
         )));

@@ -131,6 +131,9 @@ struct Tasks {
 }
 
 const MAX_UNCLAIMED: usize = 4096;
+/// Finished tasks kept for status and logs; older ones are forgotten (and their log file
+/// removed) so a node running short tasks forever does not grow forever.
+pub const MAX_FINISHED: usize = 256;
 
 /// Options of the supervisor that come from the node's config.
 pub struct SupervisorConfig {
@@ -262,6 +265,7 @@ impl Supervisor {
         };
         self.changed(&task);
         let view = task.view();
+        forget_oldest_finished(&mut tasks);
         tasks.by_id.insert(id.clone(), task);
         drop(tasks);
         self.start(id);
@@ -647,5 +651,30 @@ impl Supervisor {
             .by_id
             .values()
             .any(|t| matches!(t.life.state(), TaskState::Running | TaskState::Starting))
+    }
+}
+
+/// Drops the oldest finished tasks beyond `MAX_FINISHED`.
+fn forget_oldest_finished(tasks: &mut Tasks) {
+    let mut finished: Vec<(i64, String)> = tasks
+        .by_id
+        .values()
+        .filter(|t| t.life.is_finished() && !t.restart_pending)
+        .map(|t| {
+            let at = t.life.transitions().last().map(|x| x.at_unix_ms);
+            (at.unwrap_or(0), t.spec.id.clone())
+        })
+        .collect();
+    if finished.len() < MAX_FINISHED {
+        return;
+    }
+    finished.sort();
+    let excess = finished.len() + 1 - MAX_FINISHED;
+    for (_, id) in finished.into_iter().take(excess) {
+        if let Some(t) = tasks.by_id.remove(&id)
+            && let Some(path) = t.log.path()
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
