@@ -79,16 +79,18 @@ impl CgroupRoot {
     /// Creates (or reuses, after a crash) the cgroup of a task with its limits.
     pub fn create(&self, task_id: &str, res: &Resources) -> Result<TaskCgroup, CgroupError> {
         let path = self.rel_path(task_id);
-        let controllers = if self.v2 {
-            vec!["memory".into(), "cpu".into(), "pids".into()]
+        // On v2 every controller the root offers is enabled down the tree (cgroups-rs
+        // 0.3's check of a named list trips over the newline in cgroup.controllers).
+        let made = if self.v2 {
+            Cgroup::new(hierarchy(), &path)
         } else {
-            V1_CONTROLLERS.iter().map(|s| s.to_string()).collect()
+            let controllers = V1_CONTROLLERS.iter().map(|s| s.to_string()).collect();
+            Cgroup::new_with_specified_controllers(hierarchy(), &path, Some(controllers))
         };
-        let cg = Cgroup::new_with_specified_controllers(hierarchy(), &path, Some(controllers))
-            .map_err(|source| CgroupError::Create {
-                path: path.clone(),
-                source,
-            })?;
+        let cg = made.map_err(|source| CgroupError::Create {
+            path: path.clone(),
+            source,
+        })?;
         let mut limits = cgroups_rs::Resources::default();
         limits.memory.memory_hard_limit = Some(res.memory_bytes as i64);
         limits.cpu.quota = Some((res.cpu_millis * CFS_PERIOD_USEC / 1000) as i64);
