@@ -118,6 +118,11 @@ fn main() -> ExitCode {
         if let Err(e) = celld::init::route_ctrl_alt_del() {
             init_errors.push(e);
         }
+        tracing::info!(
+            phase = "mounts",
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "boot"
+        );
     }
     let uptime_at_start = celld::node::uptime_seconds();
     let (config, mut config_errors) = if pid1 {
@@ -212,8 +217,16 @@ async fn bring_up_network(config: &NodeConfig) -> celld::net::NetHandle {
 }
 
 async fn run(opts: Options, pid1: bool) -> Result<(), String> {
-    let agent = build_agent(&opts).map_err(|e| e.to_string())?;
-    start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
+    let phase = |name: &str| {
+        if pid1 {
+            tracing::info!(
+                phase = name,
+                ms = opts.started.elapsed().as_secs_f64() * 1000.0,
+                "boot"
+            );
+        }
+    };
+    phase("runtime");
     if pid1 {
         let macs = celld::node::identity().macs;
         if let Err(e) = celld::init::set_hostname(&opts.config.hostname, &macs) {
@@ -222,13 +235,16 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         if let Err(e) = celld::sys::loopback_up() {
             tracing::error!(error = %e, "loopback");
         }
+        // DHCP runs beside the rest of start-up; celld serves on 0.0.0.0 and is
+        // reachable as soon as the lease lands. Leases renew on their own tasks.
+        let config = opts.config.clone();
+        tokio::spawn(async move {
+            drop(bring_up_network(&config).await);
+        });
     }
-    // Kept alive for the whole run: it renews DHCP leases.
-    let _network = if pid1 {
-        Some(bring_up_network(&opts.config).await)
-    } else {
-        None
-    };
+    let agent = build_agent(&opts).map_err(|e| e.to_string())?;
+    phase("agent");
+    start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&opts.config.listen)
         .await
         .map_err(|e| format!("listen on {}: {e}", opts.config.listen))?;

@@ -211,3 +211,33 @@ async fn a_task_runs_as_the_uid_it_asks_for() {
     assert!(out.starts_with("1000\n1000\n"), "{out}");
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
 }
+
+#[tokio::test]
+async fn rlimits_apply_and_host_network_is_the_nodes() {
+    let mut n = Node::start().await;
+    let mut spec = n.spec(
+        "limits",
+        &["sh", "-c", "ulimit -n; cat /proc/net/dev | wc -l"],
+    );
+    spec.isolation = Some(pb::Isolation {
+        network: pb::isolation::Network::Host as i32,
+        rlimits: vec![pb::Rlimit {
+            name: "RLIMIT_NOFILE".into(),
+            soft: 123,
+            hard: 456,
+        }],
+        ..Default::default()
+    });
+    let (_, out) = n.run_to_end(spec).await;
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("123"), "{out}");
+    let host_ifaces = std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        lines.next(),
+        Some(host_ifaces.to_string().as_str()),
+        "{out}"
+    );
+}

@@ -71,6 +71,7 @@ pub struct Vm {
     child: Child,
     pub port: u16,
     pub serial: PathBuf,
+    monitor: PathBuf,
     _dir: tempfile::TempDir,
     _turn: MutexGuard<'static, ()>,
 }
@@ -85,14 +86,23 @@ fn free_port() -> u16 {
 
 impl Vm {
     pub fn boot(path: BootPath, a: &Artifacts) -> Vm {
+        Self::boot_with(path, a, "")
+    }
+
+    /// `extra_cmdline` is appended to the manifest's command line (kernel+initrd only:
+    /// the ISO and PXE paths carry theirs inside the artifacts).
+    pub fn boot_with(path: BootPath, a: &Artifacts, extra_cmdline: &str) -> Vm {
         let turn = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let serial = dir.path().join("serial.log");
+        let monitor = dir.path().join("monitor.sock");
         let port = free_port();
         let fwd = format!("hostfwd=tcp:127.0.0.1:{port}-:7100");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-m", "512", "-smp", "2"])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-display", "none", "-no-reboot"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()));
         let d = &a.dir;
@@ -104,7 +114,7 @@ impl Vm {
                     .arg(d.join("vmlinuz"))
                     .arg("-initrd")
                     .arg(d.join("initramfs.cpio.gz"))
-                    .args(["-append", &a.cmdline])
+                    .args(["-append", &format!("{} {extra_cmdline}", a.cmdline)])
                     .args(["-netdev", &format!("user,id=n0,{fwd}")])
                     .args(["-device", nic_no_rom]);
             }
@@ -140,6 +150,7 @@ impl Vm {
             child,
             port,
             serial,
+            monitor,
             _dir: dir,
             _turn: turn,
         }
@@ -186,6 +197,15 @@ impl Vm {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Presses ctrl-alt-del on the VM's keyboard.
+    pub fn ctrl_alt_del(&self) {
+        use std::io::Write;
+        let mut m =
+            std::os::unix::net::UnixStream::connect(&self.monitor).expect("QEMU monitor socket");
+        m.write_all(b"sendkey ctrl-alt-delete\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
     }
 
     /// Waits for QEMU to exit by itself; its exit status.

@@ -150,3 +150,48 @@ async fn pxe_boots_through_the_nic_rom() {
     let (vm, client) = boots_and_answers(BootPath::Pxe, "pxe").await;
     power_off(vm, client).await;
 }
+
+#[tokio::test]
+async fn a_bad_command_line_value_boots_with_the_default_and_says_so() {
+    let a = artifacts();
+    let mut vm = Vm::boot_with(
+        BootPath::KernelInitrd,
+        &a,
+        "celld.reserved_cpu_millis=lots celld.frobnicate=1",
+    );
+    let (client, status) = vm.connect(BOOT_TIMEOUT).await;
+    save_console(&vm, "bad-cmdline");
+    assert_eq!(status.config_errors.len(), 2, "{:?}", status.config_errors);
+    assert!(
+        status
+            .config_errors
+            .iter()
+            .any(|e| e.contains("reserved_cpu_millis"))
+    );
+    assert!(
+        status
+            .config_errors
+            .iter()
+            .any(|e| e.contains("frobnicate"))
+    );
+    assert!(vm.console().contains("frobnicate"), "not on the console");
+    power_off(vm, client).await;
+}
+
+#[tokio::test]
+async fn ctrl_alt_del_reboots_gracefully() {
+    let a = artifacts();
+    let mut vm = Vm::boot(BootPath::KernelInitrd, &a);
+    let _ = vm.connect(BOOT_TIMEOUT).await;
+    vm.ctrl_alt_del();
+    // -no-reboot: the reboot ends QEMU.
+    let exit = vm.wait_exit(Duration::from_secs(60));
+    assert!(
+        exit.is_some(),
+        "no reboot after ctrl-alt-del; console:\n{}",
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(console.contains("choice=Reboot"), "{console}");
+    assert!(console.contains("tasks stopped; syncing"), "{console}");
+}
