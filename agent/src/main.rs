@@ -97,15 +97,15 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not the serial console's log.
-        .with_ansi(!pid1 && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(!pid1 && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // RUST_LOG filters are compiled regexes: only pay for them when asked.
+    match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => logs.with_env_filter(filter).init(),
+        Err(_) => logs.with_max_level(tracing::Level::INFO).init(),
+    }
     let mut init_errors = Vec::new();
     if pid1 {
         // The panic path: a panic that reaches main ends in `fatal` (log, sync, reboot);
@@ -118,11 +118,6 @@ fn main() -> ExitCode {
         if let Err(e) = celld::init::route_ctrl_alt_del() {
             init_errors.push(e);
         }
-        tracing::info!(
-            phase = "mounts",
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            "boot"
-        );
     }
     let uptime_at_start = celld::node::uptime_seconds();
     let (config, mut config_errors) = if pid1 {
@@ -217,16 +212,7 @@ async fn bring_up_network(config: &NodeConfig) -> celld::net::NetHandle {
 }
 
 async fn run(opts: Options, pid1: bool) -> Result<(), String> {
-    let phase = |name: &str| {
-        if pid1 {
-            tracing::info!(
-                phase = name,
-                ms = opts.started.elapsed().as_secs_f64() * 1000.0,
-                "boot"
-            );
-        }
-    };
-    phase("runtime");
+    let runtime_ms = opts.started.elapsed().as_secs_f64() * 1000.0;
     if pid1 {
         let macs = celld::node::identity().macs;
         if let Err(e) = celld::init::set_hostname(&opts.config.hostname, &macs) {
@@ -243,7 +229,7 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         });
     }
     let agent = build_agent(&opts).map_err(|e| e.to_string())?;
-    phase("agent");
+    let agent_ms = opts.started.elapsed().as_secs_f64() * 1000.0;
     start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&opts.config.listen)
         .await
@@ -260,6 +246,8 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         %addr,
         mode = opts.mode,
         init_to_ready_ms = init_to_ready * 1000.0,
+        runtime_at_ms = runtime_ms,
+        agent_at_ms = agent_ms,
         boot_to_ready_s = boot_to_ready,
         kernel_to_init_s = opts.uptime_at_start,
         "celld serving"

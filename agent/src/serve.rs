@@ -88,11 +88,15 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         "/proc/sys".into(),
     ));
     if !cfg.sysctls.is_empty() {
-        for r in agent.apply_sysctls(&cfg.sysctls) {
-            if !r.error.is_empty() {
-                tracing::warn!(key = %r.key, error = %r.error, "sysctl from config not applied");
-            }
+        let results = agent.apply_sysctls(&cfg.sysctls);
+        for r in results.iter().filter(|r| !r.error.is_empty()) {
+            tracing::warn!(key = %r.key, error = %r.error, "sysctl from config not applied");
         }
+        tracing::info!(
+            applied = results.iter().filter(|r| r.error.is_empty()).count(),
+            failed = results.iter().filter(|r| !r.error.is_empty()).count(),
+            "sysctls"
+        );
     }
     Ok(agent)
 }

@@ -82,7 +82,7 @@ pub fn apply_sysctls(root: &Path, wanted: &BTreeMap<String, String>) -> Vec<Sysc
             r.actual = std::fs::read_to_string(&path)
                 .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
                 .unwrap_or_default();
-            tracing::info!(key = %r.key, wanted = %r.wanted, actual = %r.actual, error = %r.error, "sysctl");
+            tracing::debug!(key = %r.key, wanted = %r.wanted, actual = %r.actual, error = %r.error, "sysctl");
             r
         })
         .collect()
