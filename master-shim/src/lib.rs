@@ -1,0 +1,7 @@
+//! cellmaster, the thin master of a celld cell (Borg's Borgmaster, thinned).
+//!
+//! # Layout
+//!
+//! - `jobfile`: job files (TOML) to validated job specs, errors with line and field.
+//! - `scheduler`: pure placement: feasibility, scoring, preemption, why-pending.
+//! - `store`: the master's state behind one trait; SQLite by default.
