@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/celld/v1/node.proto"];
+    let files = ["proto/celld/v1/node.proto", "proto/celld/v1/master.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub reserved_memory_bytes: u64,
     pub reserved_cpu_millis: u64,
     pub sysctls: BTreeMap<String, String>,
+    /// Labels the master's constraints match against (zone, rack, ...).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +44,7 @@ impl Default for NodeConfig {
             reserved_memory_bytes: 128 << 20,
             reserved_cpu_millis: 100,
             sysctls: BTreeMap::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -78,6 +81,32 @@ impl NodeConfig {
         }
         crate::task::spec::check_name("cgroup_parent", &self.cgroup_parent)
             .map_err(|e| bad("cgroup_parent", e.problem))?;
+        if !self.master.is_empty() {
+            let ok = self
+                .master
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(bad(
+                    "master",
+                    format!("{:?} is not host:port like 10.0.0.1:7000", self.master),
+                ));
+            }
+        }
+        for (k, v) in &self.labels {
+            let ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 63
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            if !ok(k) || !ok(v) {
+                return Err(bad(
+                    &format!("labels.{k}"),
+                    "keys and values are [A-Za-z0-9._-], 1 to 63 characters".into(),
+                ));
+            }
+        }
         for key in self.sysctls.keys() {
             check_sysctl_key(key).map_err(|e| bad(&format!("sysctls.{key}"), e.to_string()))?;
         }
@@ -116,6 +145,10 @@ impl NodeConfig {
                         next.reserved_cpu_millis = n;
                     }
                 }
+                k if k.starts_with("label.") => {
+                    next.labels
+                        .insert(k["label.".len()..].to_string(), value.to_string());
+                }
                 k if k.starts_with("sysctl.") => {
                     next.sysctls
                         .insert(k["sysctl.".len()..].to_string(), value.to_string());
@@ -124,7 +157,7 @@ impl NodeConfig {
                     errors.push(format!(
                         "kernel command line: celld.{key} is not a setting (known: listen, \
                          hostname, image_version, master, state_dir, reserved_memory_bytes, \
-                         reserved_cpu_millis, sysctl.<key>)"
+                         reserved_cpu_millis, sysctl.<key>, label.<key>)"
                     ));
                     continue;
                 }
@@ -178,5 +211,10 @@ mod tests {
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors.iter().any(|e| e.contains("listen")));
         assert!(errors.iter().any(|e| e.contains("bogus")));
+        let more =
+            c.apply_cmdline("celld.master=10.0.0.1:7000 celld.label.zone=a celld.master=nope");
+        assert_eq!(c.master, "10.0.0.1:7000");
+        assert_eq!(c.labels["zone"], "a");
+        assert_eq!(more.len(), 1, "{more:?}");
     }
 }

@@ -8,7 +8,7 @@ use celld::serve::{Options, build_agent, serve, start_reaper, stop_all_tasks};
 use celld::task::state::Reason;
 
 const USAGE: &str = "usage: celld [--listen ADDR] [--config FILE] [--state-dir DIR] \
-                     [--cgroup-parent NAME] [--image-version V] | --version";
+                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] | --version";
 
 struct Args {
     listen: Option<String>,
@@ -16,6 +16,7 @@ struct Args {
     state_dir: Option<String>,
     cgroup_parent: Option<String>,
     image_version: Option<String>,
+    master: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -25,6 +26,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         state_dir: None,
         cgroup_parent: None,
         image_version: None,
+        master: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -34,6 +36,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--state-dir" => &mut a.state_dir,
             "--cgroup-parent" => &mut a.cgroup_parent,
             "--image-version" => &mut a.image_version,
+            "--master" => &mut a.master,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         };
         let value = it
@@ -65,6 +68,9 @@ fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     }
     if let Some(v) = &a.image_version {
         cfg.image_version = v.clone();
+    }
+    if let Some(v) = &a.master {
+        cfg.master = v.clone();
     }
     cfg.check()
         .map_err(|e| e.to_string().replace("node config: ", "--"))?;
@@ -252,6 +258,15 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         kernel_to_init_s = opts.uptime_at_start,
         "celld serving"
     );
+    if !opts.config.master.is_empty() {
+        let labels = opts.config.labels.clone().into_iter().collect();
+        tokio::spawn(celld::register::register_until_done(
+            opts.config.master.clone(),
+            agent.clone(),
+            addr.port(),
+            labels,
+        ));
+    }
     let power = agent.power.clone();
     let mut requested = power.subscribe();
     let supervisor = agent.supervisor.clone();
