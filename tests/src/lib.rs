@@ -231,11 +231,12 @@ impl Drop for Vm {
     }
 }
 
-/// The serial log of a VM is also kept next to the test's output when asked for.
+/// Keeps the serial log of a VM under `CELLD_CONSOLE_DIR` (default: the workspace's
+/// `target/consoles/`), named after the test.
 pub fn save_console(vm: &Vm, name: &str) {
-    if let Some(dir) = std::env::var_os("CELLD_CONSOLE_DIR") {
-        let dir = Path::new(&dir);
-        let _ = std::fs::create_dir_all(dir);
-        let _ = std::fs::write(dir.join(format!("{name}.log")), vm.console());
-    }
+    let dir = std::env::var_os("CELLD_CONSOLE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/consoles"));
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(format!("{name}.log")), vm.console());
 }

@@ -10,7 +10,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 async fn boots_and_answers(
     path: BootPath,
-    name: &str,
 ) -> (
     Vm,
     celld_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
@@ -18,7 +17,6 @@ async fn boots_and_answers(
     let a = artifacts();
     let mut vm = Vm::boot(path, &a);
     let (client, status) = vm.connect(BOOT_TIMEOUT).await;
-    save_console(&vm, name);
     assert_eq!(status.image_version, a.version, "{status:#?}");
     assert_eq!(status.mode, "pid1");
     assert_eq!(status.cgroup_version, "v2");
@@ -42,9 +40,11 @@ async fn boots_and_answers(
 async fn power_off(
     mut vm: Vm,
     mut client: celld_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
+    name: &str,
 ) {
     client.poweroff(pb::PoweroffRequest {}).await.unwrap();
     let exit = vm.wait_exit(Duration::from_secs(60));
+    save_console(&vm, name);
     assert!(
         exit.is_some_and(|s| s.success()),
         "QEMU did not power off cleanly ({exit:?}); console:\n{}",
@@ -55,7 +55,7 @@ async fn power_off(
 
 #[tokio::test]
 async fn kernel_and_initrd_boot_runs_tasks_under_cgroup_v2_and_powers_off() {
-    let (vm, mut client) = boots_and_answers(BootPath::KernelInitrd, "kernel").await;
+    let (vm, mut client) = boots_and_answers(BootPath::KernelInitrd).await;
     let spec = |id: &str, memory: u64, argv: &[&str]| pb::TaskSpec {
         id: id.into(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
@@ -130,25 +130,25 @@ async fn kernel_and_initrd_boot_runs_tasks_under_cgroup_v2_and_powers_off() {
     }
     // Its own hostname, and cgroup v2 seen from its own cgroup namespace.
     assert_eq!(out, "hi from hello\n0::/\n");
-    power_off(vm, client).await;
+    power_off(vm, client, "kernel").await;
 }
 
 #[tokio::test]
 async fn iso_boots_with_bios() {
-    let (vm, client) = boots_and_answers(BootPath::IsoBios, "iso-bios").await;
-    power_off(vm, client).await;
+    let (vm, client) = boots_and_answers(BootPath::IsoBios).await;
+    power_off(vm, client, "iso-bios").await;
 }
 
 #[tokio::test]
 async fn iso_boots_with_uefi() {
-    let (vm, client) = boots_and_answers(BootPath::IsoUefi, "iso-uefi").await;
-    power_off(vm, client).await;
+    let (vm, client) = boots_and_answers(BootPath::IsoUefi).await;
+    power_off(vm, client, "iso-uefi").await;
 }
 
 #[tokio::test]
 async fn pxe_boots_through_the_nic_rom() {
-    let (vm, client) = boots_and_answers(BootPath::Pxe, "pxe").await;
-    power_off(vm, client).await;
+    let (vm, client) = boots_and_answers(BootPath::Pxe).await;
+    power_off(vm, client, "pxe").await;
 }
 
 #[tokio::test]
@@ -160,7 +160,6 @@ async fn a_bad_command_line_value_boots_with_the_default_and_says_so() {
         "celld.reserved_cpu_millis=lots celld.frobnicate=1",
     );
     let (client, status) = vm.connect(BOOT_TIMEOUT).await;
-    save_console(&vm, "bad-cmdline");
     assert_eq!(status.config_errors.len(), 2, "{:?}", status.config_errors);
     assert!(
         status
@@ -175,7 +174,7 @@ async fn a_bad_command_line_value_boots_with_the_default_and_says_so() {
             .any(|e| e.contains("frobnicate"))
     );
     assert!(vm.console().contains("frobnicate"), "not on the console");
-    power_off(vm, client).await;
+    power_off(vm, client, "bad-cmdline").await;
 }
 
 #[tokio::test]
@@ -186,6 +185,7 @@ async fn ctrl_alt_del_reboots_gracefully() {
     vm.ctrl_alt_del();
     // -no-reboot: the reboot ends QEMU.
     let exit = vm.wait_exit(Duration::from_secs(60));
+    save_console(&vm, "ctrl-alt-del");
     assert!(
         exit.is_some(),
         "no reboot after ctrl-alt-del; console:\n{}",
