@@ -5,3 +5,6 @@
 //! - `jobfile`: job files (TOML) to validated job specs, errors with line and field.
 //! - `scheduler`: pure placement: feasibility, scoring, preemption, why-pending.
 //! - `store`: the master's state behind one trait; SQLite by default.
+//! - [`poll`]: polling every node's status, liveness (Ready, Unknown, Down).
+
+pub mod poll;
