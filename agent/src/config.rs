@@ -81,6 +81,17 @@ impl NodeConfig {
         }
         crate::task::spec::check_name("cgroup_parent", &self.cgroup_parent)
             .map_err(|e| bad("cgroup_parent", e.problem))?;
+        let host_ok = self.hostname.len() <= 63
+            && self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !host_ok {
+            return Err(bad(
+                "hostname",
+                format!("{:?}: use [A-Za-z0-9.-], at most 63", self.hostname),
+            ));
+        }
         if !self.master.is_empty() {
             let ok = self
                 .master

@@ -8,7 +8,7 @@ use celld::serve::{Options, build_agent, serve, start_reaper, stop_all_tasks};
 use celld::task::state::Reason;
 
 const USAGE: &str = "usage: celld [--listen ADDR] [--config FILE] [--state-dir DIR] \
-                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] | --version";
+                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] [--hostname NAME] | --version";
 
 struct Args {
     listen: Option<String>,
@@ -17,6 +17,7 @@ struct Args {
     cgroup_parent: Option<String>,
     image_version: Option<String>,
     master: Option<String>,
+    hostname: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -27,6 +28,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         cgroup_parent: None,
         image_version: None,
         master: None,
+        hostname: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -37,6 +39,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--cgroup-parent" => &mut a.cgroup_parent,
             "--image-version" => &mut a.image_version,
             "--master" => &mut a.master,
+            "--hostname" => &mut a.hostname,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         };
         let value = it
@@ -71,6 +74,9 @@ fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     }
     if let Some(v) = &a.master {
         cfg.master = v.clone();
+    }
+    if let Some(v) = &a.hostname {
+        cfg.hostname = v.clone();
     }
     cfg.check()
         .map_err(|e| e.to_string().replace("node config: ", "--"))?;

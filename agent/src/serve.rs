@@ -75,6 +75,7 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         kernel_release: node::kernel_release(),
         config_errors: opts.config_errors.clone(),
         state_dir: cfg.state_dir.clone(),
+        node_name: cfg.hostname.clone(),
         reserved: celld_proto::v1::Resources {
             memory_bytes: cfg.reserved_memory_bytes,
             cpu_millis: cfg.reserved_cpu_millis,

@@ -28,6 +28,13 @@ impl Master for Recorder {
             poll_interval_ms: 2000,
         }))
     }
+
+    async fn list_nodes(
+        &self,
+        _req: tonic::Request<pb::ListNodesRequest>,
+    ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
 }
 
 #[tokio::test]

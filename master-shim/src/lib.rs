@@ -6,5 +6,9 @@
 //! - `scheduler`: pure placement: feasibility, scoring, preemption, why-pending.
 //! - `store`: the master's state behind one trait; SQLite by default.
 //! - [`poll`]: polling every node's status, liveness (Ready, Unknown, Down).
+//! - [`registry`]: the nodes the master knows and what they said.
+//! - [`server`]: the Master gRPC service with the poller beside it.
 
 pub mod poll;
+pub mod registry;
+pub mod server;

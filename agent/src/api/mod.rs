@@ -33,6 +33,8 @@ pub struct NodeFacts {
     pub config_errors: Vec<String>,
     pub state_dir: PathBuf,
     pub reserved: pb::Resources,
+    /// The node's name towards the master when set (a daemon must not rename its host).
+    pub node_name: String,
 }
 
 /// What the handlers share.
@@ -135,7 +137,11 @@ impl NodeAgent {
             generation,
             identity: Some(pb::NodeIdentity {
                 machine_id: id.machine_id,
-                hostname: id.hostname,
+                hostname: if self.facts.node_name.is_empty() {
+                    id.hostname
+                } else {
+                    self.facts.node_name.clone()
+                },
                 macs: id.macs,
                 addresses: id.addresses,
             }),
