@@ -8,7 +8,9 @@
 //! - [`poll`]: polling every node's status, liveness (Ready, Unknown, Down).
 //! - [`registry`]: the nodes the master knows and what they said.
 //! - [`server`]: the Master gRPC service with the poller beside it.
+//! - [`http`]: iPXE scripts and image artifacts for machines that PXE-boot.
 
+pub mod http;
 pub mod poll;
 pub mod registry;
 pub mod server;

@@ -12,7 +12,8 @@ use cellmaster::poll::PollPolicy;
 use cellmaster::server::{MasterState, serve};
 
 const USAGE: &str = "usage:
-  cellmaster serve [--listen ADDR] [--poll-interval-ms N]   (default 0.0.0.0:7000, 2000 ms)
+  cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--http ADDR --image-dir DIR]
+                   (defaults 0.0.0.0:7000, 2000 ms, 0.0.0.0:7080; HTTP only with --image-dir)
   cellmaster nodes [--master ADDR] [--json]                 (default 127.0.0.1:7000)";
 
 /// Flags as (name, value); `--json` has no value.
@@ -42,7 +43,10 @@ fn get<'a>(f: &'a [(String, String)], name: &str, default: &'a str) -> &'a str {
 }
 
 async fn cmd_serve(args: &[String]) -> Result<()> {
-    let f = flags(args, &["--listen", "--poll-interval-ms"])?;
+    let f = flags(
+        args,
+        &["--listen", "--poll-interval-ms", "--http", "--image-dir"],
+    )?;
     let listen = get(&f, "--listen", "0.0.0.0:7000");
     let interval: u64 = get(&f, "--poll-interval-ms", "2000")
         .parse()
@@ -57,7 +61,25 @@ async fn cmd_serve(args: &[String]) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("--listen {listen}"))?;
+    let grpc_port = listener.local_addr()?.port();
     tracing::info!(addr = %listener.local_addr()?, "cellmaster serving");
+    let image_dir = get(&f, "--image-dir", "");
+    if !image_dir.is_empty() {
+        let dir = std::path::PathBuf::from(image_dir);
+        if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio.gz").is_file() {
+            bail!("--image-dir {image_dir}: not a cellimg output (no vmlinuz, initramfs.cpio.gz)");
+        }
+        let http = get(&f, "--http", "0.0.0.0:7080");
+        let http_listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("--http {http}"))?;
+        tracing::info!(addr = %http_listener.local_addr()?, image = image_dir, "serving iPXE and the image");
+        let boot = std::sync::Arc::new(cellmaster::http::BootServer {
+            image_dir: dir,
+            grpc_port,
+        });
+        tokio::spawn(cellmaster::http::serve_http(http_listener, boot));
+    }
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
