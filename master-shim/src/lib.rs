@@ -11,6 +11,8 @@
 //! - [`http`]: iPXE scripts and image artifacts for machines that PXE-boot.
 
 pub mod http;
+pub mod jobfile;
 pub mod poll;
 pub mod registry;
+pub mod scheduler;
 pub mod server;

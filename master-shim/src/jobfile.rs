@@ -1,0 +1,822 @@
+//! Job files: TOML text to a checked [`JobSpec`], or an error a person can act on (the
+//! file, the line, the field, what is wrong).
+//!
+//! Two passes: serde (with `deny_unknown_fields`, so a misspelt key is refused rather than
+//! ignored) turns the text into a raw form whose checked fields keep their spans, then the
+//! semantic checks run with those spans at hand so they can name the line too. Whether a job
+//! fits the cell's machines is a separate question ([`check_fits_somewhere`]), because the
+//! answer depends on the nodes of the moment, not on the file.
+//!
+//! Memory is given either as `memory_bytes = 67108864` or as `memory = "64MiB"` (units B,
+//! KiB, MiB, GiB, TiB, and KB, MB, GB, TB as powers of ten), not both.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// The name a job file has in messages when the caller does not say.
+pub const DEFAULT_FILE_NAME: &str = "job.toml";
+
+const MAX_NAME_LEN: usize = 40;
+const MAX_REPLICAS: u32 = 1000;
+const MAX_PRIORITY: u32 = 1000;
+const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JobFileError {
+    /// Not TOML, a misspelt key, a wrong type or a missing field.
+    #[error("{file}{}: {}{message}", at(*.line, *.column), field_prefix(.field))]
+    Syntax {
+        file: String,
+        line: Option<usize>,
+        column: Option<usize>,
+        /// Dotted path of the key involved, when it can be told from the text.
+        field: Option<String>,
+        message: String,
+    },
+    /// Well-formed, but a value is out of range.
+    #[error("{file}{}: {field}: {problem}", at(*.line, None))]
+    Invalid {
+        file: String,
+        line: Option<usize>,
+        field: &'static str,
+        problem: String,
+    },
+    /// Valid on its own, but larger than any node of the cell can hold.
+    #[error("{field}: {problem}")]
+    DoesNotFit {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl JobFileError {
+    /// The dotted field the error is about, when known (for tests and for the CLI).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Syntax { field, .. } => field.as_deref(),
+            Self::Invalid { field, .. } | Self::DoesNotFit { field, .. } => Some(field),
+        }
+    }
+
+    /// The 1-based line the error points at, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => *line,
+            Self::DoesNotFit { .. } => None,
+        }
+    }
+}
+
+fn at(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(" line {l}, column {c}"),
+        (Some(l), None) => format!(" line {l}"),
+        _ => String::new(),
+    }
+}
+
+fn field_prefix(field: &Option<String>) -> String {
+    field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default()
+}
+
+/// Memory and CPU are shared out of a node's allocatable; `pids_max` is a per-task cap
+/// (0: the node's default), compared with the node's limit rather than summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    #[serde(default)]
+    pub pids_max: u64,
+}
+
+impl Resources {
+    pub fn new(memory_bytes: u64, cpu_millis: u64) -> Self {
+        Self {
+            memory_bytes,
+            cpu_millis,
+            pids_max: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    Never,
+    #[default]
+    OnFailure,
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    #[serde(default)]
+    pub mode: RestartMode,
+    /// 0: unlimited (as in celld's `RestartPolicy`).
+    #[serde(default)]
+    pub max_restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    /// Every label here must be on the node with the same value.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Replicas that a drain or a reimage may take down at once.
+    pub max_unavailable: u32,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self { max_unavailable: 1 }
+    }
+}
+
+/// A checked job: every value is in range. Stored as JSON by the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub replicas: u32,
+    pub priority: u32,
+    pub argv: Vec<String>,
+    pub rootfs: String,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub restart: RestartPolicy,
+    pub constraints: Constraints,
+    pub budget: Budget,
+}
+
+// The raw forms: what serde reads, with spans on the fields the checks look at.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<String>,
+    #[serde(default = "one_replica")]
+    replicas: Spanned<u32>,
+    #[serde(default)]
+    priority: Option<Spanned<u32>>,
+    argv: Spanned<Vec<String>>,
+    rootfs: Spanned<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    resources: Spanned<RawResources>,
+    #[serde(default)]
+    restart: RestartPolicy,
+    #[serde(default)]
+    constraints: Constraints,
+    #[serde(default)]
+    budget: Option<Spanned<RawBudget>>,
+}
+
+fn one_replica() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    memory_bytes: Option<Spanned<u64>>,
+    memory: Option<Spanned<String>>,
+    cpu_millis: Spanned<u64>,
+    #[serde(default)]
+    pids_max: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    max_unavailable: Spanned<u32>,
+}
+
+/// Parses and checks a job file; errors call it [`DEFAULT_FILE_NAME`].
+pub fn parse_job(text: &str) -> Result<JobSpec, JobFileError> {
+    parse_job_named(DEFAULT_FILE_NAME, text)
+}
+
+/// Parses and checks a job file; `file` is the name errors give it (the path the user
+/// typed).
+pub fn parse_job_named(file: &str, text: &str) -> Result<JobSpec, JobFileError> {
+    let raw: RawJob = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+    Checker { file, text }.check(raw)
+}
+
+/// Refuses a job whose replica could not run on even the largest node (`largest`: the
+/// greatest allocatable of the cell's nodes, per resource). Without this such a job would
+/// sit pending forever.
+pub fn check_fits_somewhere(job: &JobSpec, largest: Resources) -> Result<(), JobFileError> {
+    let (r, l) = (&job.resources, &largest);
+    let too_big = |field, want: String, have: String| JobFileError::DoesNotFit {
+        field,
+        problem: format!("{want} is more than any node can give (the largest has {have})"),
+    };
+    if r.memory_bytes > l.memory_bytes {
+        let (want, have) = (human_bytes(r.memory_bytes), human_bytes(l.memory_bytes));
+        return Err(too_big("resources.memory_bytes", want, have));
+    }
+    if r.cpu_millis > l.cpu_millis {
+        let (want, have) = (r.cpu_millis.to_string(), l.cpu_millis.to_string());
+        return Err(too_big("resources.cpu_millis", want, have));
+    }
+    // A node reporting 0 has not said; it is not a limit.
+    if l.pids_max > 0 && r.pids_max > l.pids_max {
+        let (want, have) = (r.pids_max.to_string(), l.pids_max.to_string());
+        return Err(too_big("resources.pids_max", want, have));
+    }
+    Ok(())
+}
+
+/// Bytes for people: "64 MiB", "1.5 GiB", "1000 bytes".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if n >= size {
+            return if n.is_multiple_of(size) {
+                format!("{} {unit}", n / size)
+            } else {
+                // Display only; the precision lost does not matter.
+                #[allow(clippy::cast_precision_loss)]
+                let v = n as f64 / size as f64;
+                format!("{v:.1} {unit}")
+            };
+        }
+    }
+    format!("{n} bytes")
+}
+
+/// "64MiB", "64 MiB", "1.5GiB", "100MB", "4096" (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ));
+        }
+    };
+    let bad = || format!("{s:?} is not a size: write e.g. \"64MiB\" or \"1.5GiB\"");
+    if let Ok(whole) = num.parse::<u64>() {
+        return whole
+            .checked_mul(multiplier)
+            .ok_or_else(|| format!("{s:?} is too large"));
+    }
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    // Multiplying in f64 is exact enough for sizes people write ("1.5GiB").
+    #[allow(clippy::cast_precision_loss)]
+    let bytes = v * multiplier as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is too large"));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(bytes as u64)
+}
+
+struct Checker<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn invalid(
+        &self,
+        field: &'static str,
+        span: Range<usize>,
+        problem: impl Into<String>,
+    ) -> JobFileError {
+        JobFileError::Invalid {
+            file: self.file.to_string(),
+            // A defaulted field has an empty span at 0: no line to point at.
+            line: (!span.is_empty()).then(|| line_col(self.text, span.start).0),
+            field,
+            problem: problem.into(),
+        }
+    }
+
+    fn check(&self, raw: RawJob) -> Result<JobSpec, JobFileError> {
+        let name = raw.name.get_ref();
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(self.invalid(
+                "name",
+                raw.name.span(),
+                format!(
+                    "{name:?} is not a valid job name: use [a-z0-9-], 1 to {MAX_NAME_LEN} characters"
+                ),
+            ));
+        }
+
+        let replicas = *raw.replicas.get_ref();
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(self.invalid(
+                "replicas",
+                raw.replicas.span(),
+                format!("{replicas} is outside 1..={MAX_REPLICAS}"),
+            ));
+        }
+
+        let priority = match &raw.priority {
+            Some(p) if *p.get_ref() > MAX_PRIORITY => {
+                return Err(self.invalid(
+                    "priority",
+                    p.span(),
+                    format!("{} is outside 0..={MAX_PRIORITY}", p.get_ref()),
+                ));
+            }
+            Some(p) => *p.get_ref(),
+            None => 0,
+        };
+
+        let argv_span = raw.argv.span();
+        let argv = raw.argv.into_inner();
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(self.invalid(
+                "argv",
+                argv_span,
+                "is empty: give the program and its arguments, e.g. [\"/bin/sh\", \"-c\", \"...\"]",
+            ));
+        }
+
+        if !raw.rootfs.get_ref().starts_with('/') {
+            return Err(self.invalid(
+                "rootfs",
+                raw.rootfs.span(),
+                format!(
+                    "{:?} is not an absolute path: the node resolves it from /",
+                    raw.rootfs.get_ref()
+                ),
+            ));
+        }
+
+        let resources = self.check_resources(raw.resources)?;
+
+        let budget = match raw.budget {
+            None => Budget::default(),
+            Some(b) => {
+                let m = &b.get_ref().max_unavailable;
+                let n = *m.get_ref();
+                if n < 1 || n > replicas {
+                    return Err(self.invalid(
+                        "budget.max_unavailable",
+                        m.span(),
+                        format!(
+                            "{n} is outside 1..={replicas} (at least one replica must be allowed \
+                             down for drains, and at most the {replicas} replicas there are)"
+                        ),
+                    ));
+                }
+                Budget { max_unavailable: n }
+            }
+        };
+
+        Ok(JobSpec {
+            name: raw.name.into_inner(),
+            replicas,
+            priority,
+            argv,
+            rootfs: raw.rootfs.into_inner(),
+            env: raw.env,
+            resources,
+            restart: raw.restart,
+            constraints: raw.constraints,
+            budget,
+        })
+    }
+
+    fn check_resources(&self, raw: Spanned<RawResources>) -> Result<Resources, JobFileError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let (memory_bytes, memory_span, memory_field) = match (raw.memory_bytes, raw.memory) {
+            (Some(_), Some(m)) => {
+                return Err(self.invalid(
+                    "resources.memory",
+                    m.span(),
+                    "is given twice (memory and memory_bytes): keep one",
+                ));
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    "resources.memory_bytes",
+                    span,
+                    "is missing: give memory_bytes = 67108864 or memory = \"64MiB\"",
+                ));
+            }
+            (Some(b), None) => (*b.get_ref(), b.span(), "resources.memory_bytes"),
+            (None, Some(m)) => {
+                let bytes = parse_size(m.get_ref())
+                    .map_err(|p| self.invalid("resources.memory", m.span(), p))?;
+                (bytes, m.span(), "resources.memory")
+            }
+        };
+        if memory_bytes < MIN_MEMORY_BYTES {
+            return Err(self.invalid(
+                memory_field,
+                memory_span,
+                format!(
+                    "{} is below the minimum of 1 MiB",
+                    human_bytes(memory_bytes)
+                ),
+            ));
+        }
+        let cpu_millis = *raw.cpu_millis.get_ref();
+        if cpu_millis < 1 {
+            return Err(self.invalid(
+                "resources.cpu_millis",
+                raw.cpu_millis.span(),
+                "is 0: give at least 1 (thousandths of a CPU)",
+            ));
+        }
+        Ok(Resources {
+            memory_bytes,
+            cpu_millis,
+            pids_max: raw.pids_max,
+        })
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> JobFileError {
+    let message = e.message().trim().to_string();
+    let (line, column, field) = match e.span() {
+        // A field missing at the top level: the span is the whole document, and "line 1"
+        // would send the reader to the wrong place.
+        Some(span) if span.start == 0 && message.starts_with("missing field") => (None, None, None),
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            // "unknown field `x`" and "missing field `x`" name it already.
+            let field = if message.contains("field `") {
+                None
+            } else {
+                key_at(text, span.start)
+            };
+            (Some(line), Some(column), field)
+        }
+        None => (None, None, None),
+    };
+    JobFileError::Syntax {
+        file: file.to_string(),
+        line,
+        column,
+        field,
+        message,
+    }
+}
+
+/// The dotted key whose value sits at `offset`: the `key =` at the start of that line,
+/// under the nearest `[table]` header above it. A best effort for messages (serde's type
+/// errors do not say which field they are about); `None` when the line is not `key = ...`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let key_ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !key_ok {
+        return None;
+    }
+    let table = before
+        .get(..line_start)?
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"name = "web"
+replicas = 3
+priority = 100
+argv = ["/bin/sh", "-c", "httpd -f -p 8080"]
+rootfs = "/rootfs/busybox"
+env = { A = "1" }
+[resources]
+memory_bytes = 67108864
+cpu_millis = 250
+pids_max = 64
+[restart]
+mode = "on-failure"
+[constraints]
+labels = { zone = "a" }
+[budget]
+max_unavailable = 1
+"#;
+
+    /// GOOD with the line starting `key` replaced by `with` (or removed when empty).
+    fn edit(key: &str, with: &str) -> String {
+        let mut found = false;
+        let out: Vec<&str> = GOOD
+            .lines()
+            .filter_map(|l| {
+                if l.starts_with(key) {
+                    found = true;
+                    (!with.is_empty()).then_some(with)
+                } else {
+                    Some(l)
+                }
+            })
+            .collect();
+        assert!(found, "no line starts with {key}");
+        out.join("\n") + "\n"
+    }
+
+    fn err(text: &str) -> JobFileError {
+        parse_job(text).expect_err("should be refused")
+    }
+
+    #[test]
+    fn the_example_parses() {
+        let j = parse_job(GOOD).unwrap();
+        assert_eq!(j.name, "web");
+        assert_eq!(j.replicas, 3);
+        assert_eq!(j.priority, 100);
+        assert_eq!(j.argv, ["/bin/sh", "-c", "httpd -f -p 8080"]);
+        assert_eq!(j.rootfs, "/rootfs/busybox");
+        assert_eq!(j.env["A"], "1");
+        let r = j.resources;
+        assert_eq!(
+            (r.memory_bytes, r.cpu_millis, r.pids_max),
+            (64 << 20, 250, 64)
+        );
+        assert_eq!(j.restart.mode, RestartMode::OnFailure);
+        assert_eq!(j.constraints.labels["zone"], "a");
+        assert_eq!(j.budget.max_unavailable, 1);
+        // The store keeps it as JSON and must get the same job back.
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+    }
+
+    #[test]
+    fn defaults_for_optional_sections() {
+        let j = parse_job(
+            "name = \"a\"\nargv = [\"/x\"]\nrootfs = \"/r\"\n\
+             [resources]\nmemory = \"1.5GiB\"\ncpu_millis = 1\n",
+        )
+        .unwrap();
+        assert_eq!(j.replicas, 1);
+        assert_eq!(j.priority, 0);
+        assert_eq!(j.resources.memory_bytes, 3 << 29);
+        assert_eq!(j.resources.pids_max, 0);
+        assert_eq!(j.restart, RestartPolicy::default());
+        assert_eq!(j.budget.max_unavailable, 1);
+    }
+
+    #[test]
+    fn memory_as_a_size() {
+        let j = parse_job(&edit("memory_bytes", "memory = \"64MiB\"")).unwrap();
+        assert_eq!(j.resources.memory_bytes, 64 << 20);
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("64 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_size("MiB").is_err());
+        assert!(
+            parse_size("99999999999TiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_names_line_and_field() {
+        let e = err(&edit("replicas", "replica = 3"));
+        assert_eq!(e.line(), Some(2));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("job.toml line 2, column 1: unknown field `replica`, expected one of"),
+            "{msg}"
+        );
+        assert!(msg.contains("`replicas`"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_in_every_table_are_refused() {
+        for (key, line) in [
+            ("cpu_millis", "cpu_milis = 250"),
+            ("mode", "mod = \"always\""),
+            ("labels", "label = { zone = \"a\" }"),
+            ("max_unavailable", "max_unavail = 1"),
+        ] {
+            let e = err(&edit(key, line));
+            assert!(e.to_string().contains("unknown field"), "{key}: {e}");
+            assert!(e.line().is_some(), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field() {
+        let e = err(&edit("replicas", "replicas = \"3\""));
+        assert_eq!(e.field(), Some("replicas"));
+        assert_eq!(e.line(), Some(2));
+        let e = err(&edit("cpu_millis", "cpu_millis = \"lots\""));
+        assert_eq!(e.field(), Some("resources.cpu_millis"));
+        assert_eq!(e.line(), Some(9));
+        assert!(
+            e.to_string()
+                .contains("job.toml line 9, column 14: resources.cpu_millis: "),
+            "{e}"
+        );
+        let e = err(&edit("mode", "mode = \"sometimes\""));
+        assert_eq!(e.field(), Some("restart.mode"));
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let e = err(&edit("argv", ""));
+        assert_eq!(e.to_string(), "job.toml: missing field `argv`");
+        let e = err(&edit("cpu_millis", ""));
+        assert!(e.to_string().contains("missing field `cpu_millis`"), "{e}");
+        let e = err(&edit("memory_bytes", ""));
+        assert_eq!(e.field(), Some("resources.memory_bytes"));
+    }
+
+    #[test]
+    fn not_toml_at_all() {
+        let e = err("name = \"web\"\nreplicas = = 3\n");
+        assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn names() {
+        for bad in ["", "Web", "web_1", "a/b", &"x".repeat(41)] {
+            let e = err(&edit("name", &format!("name = {bad:?}")));
+            assert_eq!(e.field(), Some("name"), "{bad}");
+            assert_eq!(e.line(), Some(1));
+            assert!(e.to_string().contains("[a-z0-9-]"), "{e}");
+        }
+        assert!(parse_job(&edit("name", &format!("name = {:?}", "a".repeat(40)))).is_ok());
+        assert!(parse_job(&edit("name", "name = \"web-2\"")).is_ok());
+    }
+
+    #[test]
+    fn replicas_zero_and_huge() {
+        let e = err(&edit("replicas", "replicas = 0"));
+        assert_eq!(
+            e.to_string(),
+            "job.toml line 2: replicas: 0 is outside 1..=1000"
+        );
+        let e = err(&edit("replicas", "replicas = 1001"));
+        assert_eq!(e.field(), Some("replicas"));
+        // Past u32: serde's own range error, still with the field.
+        let e = err(&edit("replicas", "replicas = 99999999999"));
+        assert_eq!(e.field(), Some("replicas"));
+        assert_eq!(e.line(), Some(2));
+        let e = err(&edit("replicas", "replicas = -1"));
+        assert_eq!(e.field(), Some("replicas"));
+    }
+
+    #[test]
+    fn priority_range() {
+        let e = err(&edit("priority", "priority = 1001"));
+        assert_eq!(e.field(), Some("priority"));
+        assert_eq!(e.line(), Some(3));
+        assert!(parse_job(&edit("priority", "priority = 1000")).is_ok());
+        assert!(parse_job(&edit("priority", "priority = 0")).is_ok());
+    }
+
+    #[test]
+    fn argv_and_rootfs() {
+        let e = err(&edit("argv", "argv = []"));
+        assert_eq!(e.field(), Some("argv"));
+        assert_eq!(e.line(), Some(4));
+        let e = err(&edit("rootfs", "rootfs = \"rootfs/busybox\""));
+        assert_eq!(e.field(), Some("rootfs"));
+        assert!(e.to_string().contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn resource_minimums() {
+        let e = err(&edit("memory_bytes", "memory_bytes = 1000"));
+        assert_eq!(
+            e.to_string(),
+            "job.toml line 8: resources.memory_bytes: 1000 bytes is below the minimum of 1 MiB"
+        );
+        let e = err(&edit("memory_bytes", "memory = \"512KiB\""));
+        assert_eq!(e.field(), Some("resources.memory"));
+        let e = err(&edit("memory_bytes", "memory = \"lots\""));
+        assert_eq!(e.field(), Some("resources.memory"));
+        let e = err(&edit("cpu_millis", "cpu_millis = 0"));
+        assert_eq!(e.field(), Some("resources.cpu_millis"));
+        assert_eq!(e.line(), Some(9));
+        let e = err(&edit(
+            "memory_bytes",
+            "memory_bytes = 67108864\nmemory = \"64MiB\"",
+        ));
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn budget_range() {
+        let e = err(&edit("max_unavailable", "max_unavailable = 0"));
+        assert_eq!(e.field(), Some("budget.max_unavailable"));
+        assert_eq!(e.line(), Some(16));
+        let e = err(&edit("max_unavailable", "max_unavailable = 4"));
+        assert!(e.to_string().contains("1..=3"), "{e}");
+        assert!(parse_job(&edit("max_unavailable", "max_unavailable = 3")).is_ok());
+    }
+
+    #[test]
+    fn the_file_name_is_the_callers() {
+        let e = parse_job_named("jobs/web.toml", &edit("replicas", "replicas = 0")).unwrap_err();
+        assert!(e.to_string().starts_with("jobs/web.toml line 2: "), "{e}");
+    }
+
+    #[test]
+    fn fits_somewhere() {
+        let j = parse_job(GOOD).unwrap();
+        let big = Resources {
+            memory_bytes: 8 << 30,
+            cpu_millis: 4000,
+            pids_max: 4_194_304,
+        };
+        assert_eq!(check_fits_somewhere(&j, big), Ok(()));
+        let e = check_fits_somewhere(
+            &j,
+            Resources {
+                memory_bytes: 32 << 20,
+                ..big
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resources.memory_bytes: 64 MiB is more than any node can give \
+             (the largest has 32 MiB)"
+        );
+        let e = check_fits_somewhere(
+            &j,
+            Resources {
+                cpu_millis: 100,
+                ..big
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("resources.cpu_millis"));
+        let e = check_fits_somewhere(
+            &j,
+            Resources {
+                pids_max: 10,
+                ..big
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("resources.pids_max"));
+        // A node that has not said its pid limit does not refuse.
+        assert_eq!(
+            check_fits_somewhere(&j, Resources { pids_max: 0, ..big }),
+            Ok(())
+        );
+    }
+}
