@@ -16,3 +16,4 @@ pub mod poll;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
+pub mod store;

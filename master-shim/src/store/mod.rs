@@ -1,0 +1,244 @@
+//! The master's state (nodes, jobs, tasks) behind one trait, so a distributed store can
+//! take SQLite's place later without the master changing. [`SqliteStore`] is the default:
+//! one file, readable with the `sqlite3` shell.
+//!
+//! Each write is one transaction and moves the store's revision forward by one, so a reader
+//! can tell whether anything changed since it last looked. Changes that touch several rows
+//! (a job and its replicas, a placement and its victims, a node and its tasks) are single
+//! methods, so a crash can never leave half of one behind. Times are Unix milliseconds
+//! given by the caller: the store reads no clock.
+//!
+//! The store checks identity and existence, not policy: whether a placement is wise is the
+//! scheduler's business.
+
+use std::collections::BTreeMap;
+
+use crate::jobfile::{JobSpec, Resources};
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// The number a write moves the store to; strictly increasing.
+pub type Revision = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {op}")]
+    Sqlite {
+        op: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store: job {job}: its spec is not valid JSON")]
+    Json {
+        job: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "store schema version {found} is newer than this cellmaster understands ({supported}): \
+         run a newer cellmaster"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    #[error("store: {what} holds {value:?}, which this cellmaster does not know")]
+    Corrupt { what: &'static str, value: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeState {
+    /// Registered or listed, not heard from lately.
+    #[default]
+    Unknown,
+    Ready,
+    /// Missed enough polls that its tasks were taken back.
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeRow {
+    pub id: String,
+    /// host:port to poll.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+    pub cordoned: bool,
+    pub boot_id: String,
+    pub image_version: String,
+    pub allocatable: Resources,
+    /// Unix ms of the last reply; 0 for never.
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub name: String,
+    pub spec: JobSpec,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TaskState {
+    /// Waiting for the scheduler.
+    Pending,
+    /// Placed on a node, not yet seen running there.
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    /// Its node went Down; to be placed again.
+    Lost,
+    /// Made room for a higher-priority task; to be placed again.
+    Preempted,
+    /// Moved off by a drain; to be placed again.
+    Evicted,
+    /// Stopped on request; not placed again.
+    Killed,
+}
+
+impl TaskState {
+    const ALL: [TaskState; 9] = [
+        Self::Pending,
+        Self::Assigned,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Lost,
+        Self::Preempted,
+        Self::Evicted,
+        Self::Killed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Assigned => "assigned",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Lost => "lost",
+            Self::Preempted => "preempted",
+            Self::Evicted => "evicted",
+            Self::Killed => "killed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Holds resources on its node.
+    pub fn is_on_node(self) -> bool {
+        matches!(self, Self::Assigned | Self::Running)
+    }
+
+    /// Wants a node: what the scheduler should place.
+    pub fn wants_node(self) -> bool {
+        matches!(
+            self,
+            Self::Pending | Self::Lost | Self::Preempted | Self::Evicted
+        )
+    }
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Ready => "ready",
+            Self::Down => "down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Unknown, Self::Ready, Self::Down]
+            .into_iter()
+            .find(|n| n.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    /// `<job>-<replica>`, unique in the cell.
+    pub id: String,
+    pub job: String,
+    pub replica: u32,
+    /// Where it runs or is meant to; `None` while it wants a node.
+    pub node: Option<String>,
+    pub state: TaskState,
+    /// Why it is in this state ("no node fits ...", "node n3 down").
+    pub reason: String,
+    pub priority: u32,
+    pub resources: Resources,
+}
+
+impl TaskRow {
+    /// The pending replica `replica` of `job`.
+    pub fn pending_replica(job: &JobSpec, replica: u32) -> Self {
+        Self {
+            id: format!("{}-{replica}", job.name),
+            job: job.name.clone(),
+            replica,
+            node: None,
+            state: TaskState::Pending,
+            reason: "waiting for the scheduler".to_string(),
+            priority: job.priority,
+            resources: job.resources,
+        }
+    }
+}
+
+/// The master's state. Implementations must make each method atomic and durable once it
+/// returns, and move the revision forward by one per write.
+pub trait Store: Send + Sync {
+    /// The revision of the last write (0 for a new store).
+    fn revision(&self) -> Result<Revision, StoreError>;
+
+    /// Inserts or replaces a node.
+    fn put_node(&self, node: &NodeRow) -> Result<Revision, StoreError>;
+    fn get_node(&self, id: &str) -> Result<Option<NodeRow>, StoreError>;
+    fn list_nodes(&self) -> Result<Vec<NodeRow>, StoreError>;
+    /// Refused while tasks are assigned to it.
+    fn delete_node(&self, id: &str) -> Result<Revision, StoreError>;
+    /// The node becomes Down; its assigned and running tasks become Lost with no node.
+    /// Returns those tasks as they are now.
+    fn mark_node_down(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<(Revision, Vec<TaskRow>), StoreError>;
+
+    /// The job and all its tasks, or nothing (an existing job name or task id refuses
+    /// the whole submission).
+    fn submit_job(&self, job: &JobRow, tasks: &[TaskRow]) -> Result<Revision, StoreError>;
+    fn get_job(&self, name: &str) -> Result<Option<JobRow>, StoreError>;
+    fn list_jobs(&self) -> Result<Vec<JobRow>, StoreError>;
+    /// The job and its tasks.
+    fn delete_job(&self, name: &str) -> Result<Revision, StoreError>;
+
+    /// Inserts or replaces a task; its job must exist.
+    fn put_task(&self, task: &TaskRow) -> Result<Revision, StoreError>;
+    fn get_task(&self, id: &str) -> Result<Option<TaskRow>, StoreError>;
+    /// Every task, by id.
+    fn list_tasks(&self) -> Result<Vec<TaskRow>, StoreError>;
+    fn tasks_of_job(&self, job: &str) -> Result<Vec<TaskRow>, StoreError>;
+    fn tasks_on_node(&self, node: &str) -> Result<Vec<TaskRow>, StoreError>;
+    fn delete_task(&self, id: &str) -> Result<Revision, StoreError>;
+    /// Sets a task's state and reason; leaving a node-holding state clears its node.
+    fn set_task_state(
+        &self,
+        id: &str,
+        state: TaskState,
+        reason: &str,
+    ) -> Result<Revision, StoreError>;
+    /// Assigns the task to `node` and, in the same transaction, turns `victims` (tasks on
+    /// that node) Preempted with no node.
+    fn place_task(&self, id: &str, node: &str, victims: &[String]) -> Result<Revision, StoreError>;
+}
+
+#[cfg(test)]
+mod tests;
