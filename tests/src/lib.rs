@@ -67,6 +67,11 @@ pub fn artifacts() -> Artifacts {
 /// One VM at a time: two cores cannot emulate two machines at a useful speed.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
+/// Holds the one-VM-at-a-time turn (tests that boot several machines take it once).
+pub fn vm_turn() -> MutexGuard<'static, ()> {
+    ONE_VM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub struct Vm {
     child: Child,
     pub port: u16,
@@ -92,7 +97,7 @@ impl Vm {
     /// `extra_cmdline` is appended to the manifest's command line (kernel+initrd only:
     /// the ISO and PXE paths carry theirs inside the artifacts).
     pub fn boot_with(path: BootPath, a: &Artifacts, extra_cmdline: &str) -> Vm {
-        let turn = ONE_VM.lock().unwrap_or_else(|p| p.into_inner());
+        let turn = vm_turn();
         let dir = tempfile::tempdir().unwrap();
         let serial = dir.path().join("serial.log");
         let monitor = dir.path().join("monitor.sock");

@@ -94,6 +94,15 @@ pub fn identity() -> Identity {
             }
         }
     }
+    if machine_id.is_empty() {
+        // An image without /etc/machine-id or DMI: the first MAC is stable across boots
+        // and reimages, which is what the master keys a machine on.
+        machine_id = macs
+            .first()
+            .and_then(|m| m.split_once('='))
+            .map(|(_, mac)| format!("mac-{}", mac.replace(':', "")))
+            .unwrap_or_default();
+    }
     let addresses = nix::ifaddrs::getifaddrs()
         .map(|addrs| {
             addrs
