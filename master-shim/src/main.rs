@@ -55,7 +55,8 @@ async fn cmd_serve(args: &[String]) -> Result<()> {
         .context("--poll-interval-ms: a number of milliseconds in 50..=600000")?;
     let policy = PollPolicy {
         interval: Duration::from_millis(interval),
-        timeout: Duration::from_millis(interval.clamp(100, 5000)),
+        // Below interval minus the round's spread (half), so a call ends before its next turn.
+        timeout: Duration::from_millis((interval * 4 / 10).clamp(20, 5000)),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(listen)

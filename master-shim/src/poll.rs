@@ -53,7 +53,8 @@ impl Default for PollPolicy {
             interval: Duration::from_secs(2),
             unknown_after: 1,
             down_after: 3,
-            timeout: Duration::from_secs(1),
+            // Under interval minus spread: a call ends before the node's next turn.
+            timeout: Duration::from_millis(800),
             max_in_flight: 256,
         }
     }
@@ -186,6 +187,23 @@ pub struct Poller<S> {
     policy: PollPolicy,
     fleet: Fleet,
     changes: mpsc::UnboundedSender<(String, Change)>,
+    /// Shared by overlapping rounds: the bound is on calls, not on rounds.
+    gate: Arc<Semaphore>,
+    /// Nodes with a call out; a node is not asked again before it answers or times out.
+    in_flight: Arc<Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl<S> Clone for Poller<S> {
+    fn clone(&self) -> Self {
+        Self {
+            source: self.source.clone(),
+            policy: self.policy.clone(),
+            fleet: self.fleet.clone(),
+            changes: self.changes.clone(),
+            gate: self.gate.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
 }
 
 impl<S: StatusSource> Poller<S> {
@@ -197,15 +215,37 @@ impl<S: StatusSource> Poller<S> {
         let (changes, rx) = mpsc::unbounded_channel();
         let poller = Self {
             source: Arc::new(source),
+            gate: Arc::new(Semaphore::new(policy.max_in_flight.max(1))),
             policy,
             fleet,
             changes,
+            in_flight: Arc::default(),
         };
         (poller, rx)
     }
 
+    /// Records one node's answer (or its absence) and reports what changed.
+    fn record(&self, id: &str, result: Result<Result<pb::NodeStatus, String>, ()>) {
+        let now = Instant::now();
+        let changes = {
+            let mut fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(health) = fleet.get_mut(id) else {
+                return;
+            };
+            match result {
+                Ok(Ok(s)) if s.unchanged => health.on_reply(None, now),
+                Ok(Ok(s)) => health.on_reply(Some(s), now),
+                Ok(Err(_)) | Err(()) => health.on_miss(&self.policy),
+            }
+        };
+        for c in changes {
+            let _ = self.changes.send((id.to_string(), c));
+        }
+    }
+
     /// One round: every node once, spread over `spread` (zero: all at once), at most
-    /// `max_in_flight` calls at a time. Returns when every poll has ended.
+    /// `max_in_flight` calls at a time. Each answer is recorded the moment it arrives, so
+    /// a slow node delays nobody else; this returns when every poll has ended.
     pub async fn poll_round(&self, spread: Duration) {
         let targets: Vec<(String, String, u64)> = {
             let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
@@ -215,50 +255,51 @@ impl<S: StatusSource> Poller<S> {
                 .collect()
         };
         let n = targets.len().max(1) as u32;
-        let gate = Arc::new(Semaphore::new(self.policy.max_in_flight.max(1)));
         let start = Instant::now();
         let mut handles = Vec::with_capacity(targets.len());
         for (i, (id, address, known)) in targets.into_iter().enumerate() {
             // Node i polls at its own offset in the round: a fleet's polls do not bunch.
             let at = start + spread / n * i as u32;
-            let source = self.source.clone();
-            let gate = gate.clone();
-            let timeout = self.policy.timeout;
+            let this = self.clone();
             handles.push(tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
-                let _permit = gate.acquire_owned().await.ok();
-                let result =
-                    tokio::time::timeout(timeout, source.get_status(&address, known)).await;
-                (id, result)
+                {
+                    let mut busy = this.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    if !busy.insert(id.clone()) {
+                        return; // its last call is still out; that one will count
+                    }
+                }
+                let result = {
+                    let _permit = this.gate.clone().acquire_owned().await.ok();
+                    tokio::time::timeout(
+                        this.policy.timeout,
+                        this.source.get_status(&address, known),
+                    )
+                    .await
+                    .map_err(drop)
+                };
+                this.in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                this.record(&id, result);
             }));
         }
         for h in handles {
-            let Ok((id, result)) = h.await else { continue };
-            let now = Instant::now();
-            let changes = {
-                let mut fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(health) = fleet.get_mut(&id) else {
-                    continue;
-                };
-                match result {
-                    Ok(Ok(s)) if s.unchanged => health.on_reply(None, now),
-                    Ok(Ok(s)) => health.on_reply(Some(s), now),
-                    Ok(Err(_)) | Err(_) => health.on_miss(&self.policy),
-                }
-            };
-            for c in changes {
-                let _ = self.changes.send((id.clone(), c));
-            }
+            let _ = h.await;
         }
     }
 
-    /// Polls forever, one round per interval.
+    /// Polls forever: a round starts every interval whether or not the last one has
+    /// finished (a hung node holds only its own call).
     pub async fn run(self) {
         let mut tick = tokio::time::interval(self.policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.poll_round(self.policy.interval / 2).await;
+            let round = self.clone();
+            let spread = self.policy.interval / 2;
+            tokio::spawn(async move { round.poll_round(spread).await });
         }
     }
 }
@@ -372,5 +413,53 @@ mod tests {
             changes.iter().filter(|(_, c)| *c == Change::Ready).count(),
             49
         );
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::*;
+
+    /// One node hangs for ever, the others answer at once.
+    struct OneHung;
+
+    impl StatusSource for OneHung {
+        async fn get_status(&self, address: &str, _known: u64) -> Result<pb::NodeStatus, String> {
+            if address == "hung" {
+                std::future::pending::<()>().await;
+            }
+            Ok(pb::NodeStatus {
+                generation: 1,
+                ..Default::default()
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_node_does_not_slow_the_others_and_is_down_in_three_intervals() {
+        let fleet: Fleet = Arc::new(Mutex::new(BTreeMap::from([
+            ("a".to_string(), NodeHealth::new("a".into())),
+            ("h".to_string(), NodeHealth::new("hung".into())),
+        ])));
+        let policy = PollPolicy::default();
+        let interval = policy.interval;
+        let (poller, mut rx) = Poller::new(OneHung, policy, fleet.clone());
+        let started = Instant::now();
+        tokio::spawn(poller.run());
+        let mut a_replies = 0;
+        let down_at = loop {
+            let (id, c) = rx.recv().await.unwrap();
+            if id == "a" && matches!(c, Change::Ready) {
+                a_replies += 1;
+            }
+            if id == "h" && c == Change::Down {
+                break started.elapsed();
+            }
+        };
+        // First poll at t=0 times out at 0.8 s; polls 2 and 3 at 2 s and 4 s (+0.8).
+        assert!(down_at <= interval * 3, "Down after {down_at:?}");
+        assert_eq!(a_replies, 1, "a stays Ready without flapping");
+        let a = fleet.lock().unwrap()["a"].clone();
+        assert!(a.last_reply.unwrap() >= started + interval * 2);
     }
 }
