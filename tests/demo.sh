@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The demo on a fresh machine: install what is needed, build celld, start it as a daemon
-# on loopback with a busybox rootfs, run a few tasks (one polite, one memory hog, one
-# that tries to escape) and show what the node reports. Needs root.
+# The demo cell on one machine. Installs what it needs, builds the node image (kernel
+# cached, static celld, cellimg), then in a network namespace: a bridge, dnsmasq handing
+# out addresses and the master's iPXE URL, cellmaster serving iPXE, the image and gRPC,
+# and two QEMU machines that PXE-boot into the image, register and are polled. It shows
+# the cell's nodes, runs a few tasks on one node (a polite one, a memory hog, an escape
+# attempt) and shows what the node reports. Needs root. KEEP=1 leaves the cell running.
 #
 #   tests/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(busybox-static build-essential)
+packages=(busybox-static build-essential dnsmasq iproute2 qemu-system-x86 ipxe-qemu
+          linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils
+          grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,26 +21,67 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y "${missing[@]}" || { apt-get update && apt-get install -y "${missing[@]}"; }
 fi
-[ "$(id -u)" = 0 ] || { echo "demo: celld needs root for namespaces and cgroups" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "demo: needs root (namespaces, bridge, taps)" >&2; exit 1; }
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
+    rustup target add x86_64-unknown-linux-musl
 
-cargo build --release -p celld --bins --example demo
+say() { printf '\n== %s\n' "$*"; }
+say "building: kernel (cached after the first time), static celld, cellmaster, image"
+kernel=$(nice image/build-kernel.sh | tail -n 1)
+cargo build --release --target x86_64-unknown-linux-musl -p celld --bin celld
+cargo build --release -p cellmaster -p celld --example demo
 demo=/var/lib/celld-demo
-root=$demo/rootfs
-rm -rf "$root"
-mkdir -p "$root"/{bin,proc,dev,sys,tmp,etc}
-cp /bin/busybox "$root/bin/"
-for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"; done
-cp target/release/celld-probe "$root/bin/"
-# celld-probe is linked against glibc: give it its libraries.
-for lib in $(ldd target/release/celld-probe | grep -o '/[^ ]*'); do
-    mkdir -p "$root$(dirname "$lib")"; cp "$lib" "$root$lib"
+rm -rf "$demo/image"; mkdir -p "$demo"
+cargo run -q --release -p cellimg -- build --out "$demo/image" --version demo-1 \
+    --celld target/x86_64-unknown-linux-musl/release/celld --celld-version 0.1.0 \
+    --kernel "$kernel" --no-iso
+
+ns=celld-demo
+ip netns del $ns 2>/dev/null || true
+pids=()
+cleanup() {
+    [ "${KEEP:-0}" = 1 ] && { echo "cell left running (netns $ns); ip netns del $ns to end"; return; }
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ip netns del $ns 2>/dev/null || true
+}
+trap cleanup EXIT
+# Background processes are started with `ip netns exec` directly so $! is their pid.
+in_ns() { ip netns exec $ns "$@"; }
+ip netns add $ns
+in_ns ip link set lo up
+in_ns ip link add br0 type bridge
+in_ns ip addr add 10.77.0.1/24 dev br0
+in_ns ip link set br0 up
+for i in 0 1; do
+    in_ns ip tuntap add dev tap$i mode tap
+    in_ns ip link set tap$i master br0
+    in_ns ip link set tap$i up
 done
 
-addr=127.0.0.1:7100
-target/release/celld --listen $addr --state-dir $demo/state --cgroup-parent celld-demo \
-    2>$demo/celld.log &
-celld=$!
-trap 'kill $celld 2>/dev/null; wait $celld 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/7100) 2>/dev/null && break; sleep 0.1; done
-target/release/examples/demo $addr "$root"
-echo; echo "celld log: $demo/celld.log"
+say "cell: dnsmasq (DHCP + iPXE URL), cellmaster on 10.77.0.1:7000 (gRPC) and :7080 (HTTP)"
+ip netns exec $ns dnsmasq --no-daemon --conf-file=/dev/null --interface=br0 --bind-interfaces --no-ping \
+    --port=0 --dhcp-range=10.77.0.100,10.77.0.150,12h --dhcp-boot=http://10.77.0.1:7080/ipxe \
+    --dhcp-leasefile=$demo/leases 2>$demo/dnsmasq.log & pids+=($!)
+ip netns exec $ns target/release/cellmaster serve --listen 10.77.0.1:7000 --http 10.77.0.1:7080 \
+    --image-dir $demo/image --poll-interval-ms 1000 2>$demo/cellmaster.log & pids+=($!)
+say "booting two machines by PXE (QEMU, TCG: about 30 s)"
+for i in 0 1; do
+    ip netns exec $ns qemu-system-x86_64 -accel tcg -m 512 -display none -monitor none -no-reboot -boot n \
+        -netdev tap,id=n0,ifname=tap$i,script=no,downscript=no \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:77:00:0$((i + 1)) \
+        -serial file:$demo/node$i.log </dev/null & pids+=($!)
+done
+for _ in $(seq 240); do
+    ready=$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json 2>/dev/null |
+            grep -c '"liveness": "READY"' || true)
+    [ "$ready" = 2 ] && break
+    sleep 1
+done
+say "the cell's nodes (cellmaster nodes)"
+in_ns target/release/cellmaster nodes --master 10.77.0.1:7000
+node=$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json |
+       python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["address"])')
+say "tasks on $node, from the image's busybox rootfs"
+in_ns target/release/examples/demo "$node" /rootfs/busybox
+say "logs: $demo/{cellmaster,node0,node1}.log"

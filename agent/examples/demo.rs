@@ -1,6 +1,5 @@
-//! The demo cell on one machine: connects to a running celld, starts a few tasks (a
-//! well-behaved one, a memory hog, a task that tries to escape), and prints what the node
-//! reports about them.
+//! Drives one celld: starts a few tasks from a busybox rootfs (a well-behaved one, a
+//! memory hog, one that tries to escape), and prints what the node reports about them.
 //!
 //!   cargo run --example demo -- [ADDR] [ROOTFS]
 
@@ -45,12 +44,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             16 << 20,
             &["sh", "-c", "echo hello from $(hostname), pid $$; sleep 3"],
         ),
-        spec("hog", &rootfs, 32 << 20, &["/bin/celld-probe", "hog"]),
+        // Doubles a string until the 32 MiB limit stops it.
+        spec(
+            "hog",
+            &rootfs,
+            32 << 20,
+            &["sh", "-c", "x=0123456789; while :; do x=$x$x; done"],
+        ),
+        // Tries to mount, to poke the kernel, and looks around.
         spec(
             "escape",
             &rootfs,
             16 << 20,
-            &["/bin/celld-probe", "syscalls"],
+            &[
+                "sh",
+                "-c",
+                "mount -t tmpfs none /mnt; echo h > /proc/sysrq-trigger; \
+                 echo processes seen: $(ls /proc | grep -c '^[0-9]'); grep CapEff /proc/self/status",
+            ],
         ),
     ];
     for t in tasks {
@@ -61,11 +72,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => println!("{id}: {}", e.message()),
         }
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let status = node
-        .get_status(pb::GetStatusRequest::default())
-        .await?
-        .into_inner();
+    // Until every task has ended (the hog needs its limit to be reached), at most 30 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = node
+            .get_status(pb::GetStatusRequest::default())
+            .await?
+            .into_inner();
+        let live = status.tasks.iter().any(|t| {
+            t.state != pb::TaskState::Dead as i32 && t.state != pb::TaskState::Evicted as i32
+        });
+        if !live || std::time::Instant::now() > deadline {
+            break status;
+        }
+    };
     println!(
         "\nnode {} ({}), kernel {}, cgroup {}, landlock ABI {}, generation {}",
         status
