@@ -63,8 +63,10 @@ say "cell: dnsmasq (DHCP + iPXE URL), cellmaster on 10.77.0.1:7000 (gRPC) and :7
 ip netns exec $ns dnsmasq --no-daemon --conf-file=/dev/null --interface=br0 --bind-interfaces --no-ping \
     --port=0 --dhcp-range=10.77.0.100,10.77.0.150,12h --dhcp-boot=http://10.77.0.1:7080/ipxe \
     --dhcp-leasefile=$demo/leases 2>$demo/dnsmasq.log & pids+=($!)
+rm -f $demo/state.db*
 ip netns exec $ns target/release/cellmaster serve --listen 10.77.0.1:7000 --http 10.77.0.1:7080 \
-    --image-dir $demo/image --poll-interval-ms 1000 2>$demo/cellmaster.log & pids+=($!)
+    --image-dir $demo/image --poll-interval-ms 1000 --state $demo/state.db \
+    2>$demo/cellmaster.log & pids+=($!)
 say "booting two machines by PXE (QEMU, TCG: about 30 s)"
 for i in 0 1; do
     ip netns exec $ns qemu-system-x86_64 -accel tcg -m 512 -display none -monitor none -no-reboot -boot n \
@@ -80,6 +82,25 @@ for _ in $(seq 240); do
 done
 say "the cell's nodes (cellmaster nodes)"
 in_ns target/release/cellmaster nodes --master 10.77.0.1:7000
+say "a job of two replicas (cellmaster submit), spread over the nodes"
+cat > $demo/web.toml <<'JOB'
+name = "web"
+replicas = 2
+priority = 100
+argv = ["httpd", "-f", "-p", "8080"]
+rootfs = "/rootfs/busybox"
+[resources]
+memory = "32MiB"
+cpu_millis = 250
+JOB
+in_ns target/release/cellmaster submit $demo/web.toml --master 10.77.0.1:7000
+for _ in $(seq 30); do
+    running=$(in_ns target/release/cellmaster tasks --master 10.77.0.1:7000 --json |
+              grep -c '"state": "running"' || true)
+    [ "$running" = 2 ] && break
+    sleep 1
+done
+in_ns target/release/cellmaster tasks --master 10.77.0.1:7000
 node=$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json |
        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["address"])')
 say "tasks on $node, from the image's busybox rootfs"

@@ -35,6 +35,20 @@ impl Master for Recorder {
     ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this stand-in"))
     }
+
+    async fn submit_job(
+        &self,
+        _req: tonic::Request<pb::SubmitJobRequest>,
+    ) -> Result<tonic::Response<pb::SubmitJobResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+
+    async fn list_cell_tasks(
+        &self,
+        _req: tonic::Request<pb::ListCellTasksRequest>,
+    ) -> Result<tonic::Response<pb::ListCellTasksResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ use cellmaster::server::{MasterState, serve};
 const USAGE: &str = "usage:
   cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--http ADDR --image-dir DIR]
                    (defaults 0.0.0.0:7000, 2000 ms, 0.0.0.0:7080; HTTP only with --image-dir)
-  cellmaster nodes [--master ADDR] [--json]                 (default 127.0.0.1:7000)";
+  cellmaster nodes [--master ADDR] [--json]                 (default 127.0.0.1:7000)
+  cellmaster submit JOB.toml [--master ADDR]
+  cellmaster tasks [--master ADDR] [--json]
+serve also takes --state FILE (default /var/lib/cellmaster/state.db, SQLite).";
 
 /// Flags as (name, value); `--json` has no value.
 fn flags(args: &[String], known: &[&str]) -> Result<Vec<(String, String)>> {
@@ -45,8 +48,23 @@ fn get<'a>(f: &'a [(String, String)], name: &str, default: &'a str) -> &'a str {
 async fn cmd_serve(args: &[String]) -> Result<()> {
     let f = flags(
         args,
-        &["--listen", "--poll-interval-ms", "--http", "--image-dir"],
+        &[
+            "--listen",
+            "--poll-interval-ms",
+            "--http",
+            "--image-dir",
+            "--state",
+        ],
     )?;
+    let state_file = std::path::PathBuf::from(get(&f, "--state", "/var/lib/cellmaster/state.db"));
+    if let Some(dir) = state_file.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--state {}", state_file.display()))?;
+    }
+    let store: std::sync::Arc<dyn cellmaster::store::Store> = std::sync::Arc::new(
+        cellmaster::store::SqliteStore::open(&state_file)
+            .with_context(|| format!("--state {}", state_file.display()))?,
+    );
     let listen = get(&f, "--listen", "0.0.0.0:7000");
     let interval: u64 = get(&f, "--poll-interval-ms", "2000")
         .parse()
@@ -84,7 +102,73 @@ async fn cmd_serve(args: &[String]) -> Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    serve(MasterState::new(policy), listener, shutdown).await?;
+    serve(MasterState::new(policy, store), listener, shutdown).await?;
+    Ok(())
+}
+
+async fn master_client(
+    master: &str,
+) -> Result<pb::master_client::MasterClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{master}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the master at {master}"))?;
+    Ok(pb::master_client::MasterClient::new(channel))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+async fn cmd_submit(args: &[String]) -> Result<()> {
+    let (file, rest) = args.split_first().context("submit needs a job file")?;
+    let f = flags(rest, &["--master"])?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let r = master_client(get(&f, "--master", "127.0.0.1:7000"))
+        .await?
+        .submit_job(pb::SubmitJobRequest {
+            job_toml: text,
+            file_name: file.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("job {} submitted: {}", r.job, r.tasks.join(" "));
+    Ok(())
+}
+
+async fn cmd_tasks(args: &[String]) -> Result<()> {
+    let f = flags(args, &["--master", "--json"])?;
+    let tasks = master_client(get(&f, "--master", "127.0.0.1:7000"))
+        .await?
+        .list_cell_tasks(pb::ListCellTasksRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .tasks;
+    if f.iter().any(|(k, _)| k == "--json") {
+        let rows: Vec<serde_json::Value> = tasks
+            .iter()
+            .map(|t| {
+                serde_json::json!({"id": t.id, "job": t.job, "node": t.node,
+                    "state": t.state, "reason": t.reason, "priority": t.priority})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<14} {:<20} {:<10} REASON",
+        "TASK", "JOB", "NODE", "STATE"
+    );
+    for t in &tasks {
+        let node = if t.node.is_empty() { "-" } else { &t.node };
+        println!(
+            "{:<20} {:<14} {:<20} {:<10} {}",
+            t.id, t.job, node, t.state, t.reason
+        );
+    }
     Ok(())
 }
 
@@ -151,6 +235,8 @@ async fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => cmd_serve(&args[1..]).await,
         Some("nodes") => cmd_nodes(&args[1..]).await,
+        Some("submit") => cmd_submit(&args[1..]).await,
+        Some("tasks") => cmd_tasks(&args[1..]).await,
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

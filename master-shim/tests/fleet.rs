@@ -62,15 +62,22 @@ fn nodes_register_are_polled_and_a_dead_one_goes_down() {
     let mport = free_port();
     let master = format!("127.0.0.1:{mport}");
     let interval_ms = 300u64;
+    let dir = tempfile::tempdir().unwrap();
     let _m = Proc(
         Command::new(env!("CARGO_BIN_EXE_cellmaster"))
             .args(["serve", "--listen", &master])
+            .arg("--state")
+            .arg(dir.path().join("state.db"))
             .args(["--poll-interval-ms", &interval_ms.to_string()])
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("master.log")).unwrap())
             .spawn()
             .unwrap(),
     );
-    let dir = tempfile::tempdir().unwrap();
+    let up = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&master).is_err() {
+        assert!(Instant::now() < up, "cellmaster did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut nodes = Vec::new();
     for name in ["alpha", "beta"] {
         let port = free_port();
@@ -108,6 +115,67 @@ fn nodes_register_are_polled_and_a_dead_one_goes_down() {
             .any(|l| l.starts_with("alpha") && l.contains("READY")),
         "{table}"
     );
+
+    // A job of two replicas lands one on each node (spread), and runs.
+    let rootfs = dir.path().join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("/bin/busybox: apt-get install -y busybox-static");
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
+    let job = dir.path().join("sleeper.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"sleeper\"\nreplicas = 2\nargv = [\"sleep\", \"600\"]\nrootfs = {:?}\n\
+             [resources]\nmemory = \"32MiB\"\ncpu_millis = 100\n",
+            rootfs.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
+        .args(["submit"])
+        .arg(&job)
+        .args(["--master", &master])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let placed = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
+            .args(["tasks", "--master", &master, "--json"])
+            .output()
+            .unwrap();
+        let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if tasks.len() == 2 && tasks.iter().all(|t| t["state"] == "running") {
+            break tasks;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job not placed: {tasks:#?}\nmaster log:\n{}",
+            std::fs::read_to_string(dir.path().join("master.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut on: Vec<&str> = placed.iter().map(|t| t["node"].as_str().unwrap()).collect();
+    on.sort();
+    assert_eq!(on, ["alpha", "beta"], "replicas not spread: {placed:#?}");
+    // A bad job file is refused with its line and field, and nothing is stored.
+    std::fs::write(&job, "name = \"x\"\nreplica = 2\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
+        .args(["submit"])
+        .arg(&job)
+        .args(["--master", &master])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("replica"), "{err}");
 
     // beta dies without a word.
     let beta = nodes.pop().unwrap();

@@ -127,6 +127,8 @@ fn two_machines_pxe_boot_from_the_master_register_and_are_polled() {
             .arg("--image-dir")
             .arg(&a.dir)
             .args(["--poll-interval-ms", "1000"])
+            .arg("--state")
+            .arg(dir.path().join("state.db"))
             .stderr(master_log)
             .spawn()
             .unwrap(),
