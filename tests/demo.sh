@@ -29,7 +29,7 @@ say() { printf '\n== %s\n' "$*"; }
 say "building: kernel (cached after the first time), static celld, cellmaster, image"
 kernel=$(nice image/build-kernel.sh | tail -n 1)
 cargo build --release --target x86_64-unknown-linux-musl -p celld --bin celld
-cargo build --release -p cellmaster -p celld --example demo
+cargo build --release -p cellmaster --bins && cargo build --release -p celld --example demo
 demo=/var/lib/celld-demo
 rm -rf "$demo/image"; mkdir -p "$demo"
 cargo run -q --release -p cellimg -- build --out "$demo/image" --version demo-1 \

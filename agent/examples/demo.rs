@@ -16,7 +16,7 @@ fn spec(id: &str, rootfs: &str, memory: u64, argv: &[&str]) -> pb::TaskSpec {
         rootfs: rootfs.into(),
         resources: Some(pb::Resources {
             memory_bytes: memory,
-            cpu_millis: 250,
+            cpu_millis: 100,
             pids_max: 32,
         }),
         kill_grace_ms: 1000,
@@ -123,14 +123,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for id in ["hello", "escape"] {
         println!("\n-- logs of {id}");
-        let mut logs = node
+        let Ok(logs) = node
             .task_logs(pb::TaskLogsRequest {
                 id: id.into(),
                 follow: false,
                 tail: 20,
             })
-            .await?
-            .into_inner();
+            .await
+        else {
+            println!("(no such task)");
+            continue;
+        };
+        let mut logs = logs.into_inner();
         while let Some(l) = logs.message().await? {
             println!("{}", String::from_utf8_lossy(&l.line));
         }
