@@ -73,28 +73,6 @@ const CAPABILITIES: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-const MASKED_PATHS: &[&str] = &[
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-];
-
-const READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
-
 /// One OCI runtime with its bundle: the same rootfs, namespaces, capabilities, masked paths
 /// and seccomp profile as a celld task; limits only where the runtime can set them here.
 #[derive(Clone)]
@@ -197,8 +175,8 @@ fn oci_config(rootfs: &Path, cgroup_parent: &str, limits: bool) -> serde_json::V
     let mut linux = json!({
         "cgroupsPath": format!("/{cgroup_parent}/ctr"),
         "namespaces": namespaces,
-        "maskedPaths": MASKED_PATHS,
-        "readonlyPaths": READONLY_PATHS,
+        "maskedPaths": celld::task::spec::DEFAULT_MASKED_PATHS,
+        "readonlyPaths": celld::task::spec::DEFAULT_READONLY_PATHS,
         "seccomp": {
             "defaultAction": "SCMP_ACT_ALLOW",
             "architectures": ["SCMP_ARCH_X86_64"],
