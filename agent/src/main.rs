@@ -195,7 +195,7 @@ fn fatal(pid1: bool, msg: &str) -> ExitCode {
 }
 
 /// DHCP on every NIC with carrier, or the kernel's `ip=`; a bad `ip=` falls back to DHCP.
-async fn bring_up_network(config: &NodeConfig) -> celld::net::NetHandle {
+async fn bring_up_network() -> celld::net::NetHandle {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mut cfg = celld::net::NetConfig {
         hostname: nix::unistd::gethostname()
@@ -208,7 +208,6 @@ async fn bring_up_network(config: &NodeConfig) -> celld::net::NetHandle {
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "kernel command line ip= ignored; using DHCP"),
     }
-    let _ = config;
     let handle = celld::net::bring_up(&cfg).await;
     for i in handle.report().interfaces {
         tracing::info!(
@@ -235,9 +234,8 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         }
         // DHCP runs beside the rest of start-up; celld serves on 0.0.0.0 and is
         // reachable as soon as the lease lands. Leases renew on their own tasks.
-        let config = opts.config.clone();
         tokio::spawn(async move {
-            drop(bring_up_network(&config).await);
+            drop(bring_up_network().await);
         });
     }
     let agent = build_agent(&opts).map_err(|e| e.to_string())?;

@@ -32,6 +32,8 @@ pub enum ServeError {
     Server(#[from] tonic::transport::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("server reflection: {0}")]
+    Reflection(String),
 }
 
 /// Everything `serve` needs besides the listener.
@@ -76,11 +78,6 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         config_errors: opts.config_errors.clone(),
         state_dir: cfg.state_dir.clone(),
         node_name: cfg.hostname.clone(),
-        reserved: celld_proto::v1::Resources {
-            memory_bytes: cfg.reserved_memory_bytes,
-            cpu_millis: cfg.reserved_cpu_millis,
-            pids_max: 0,
-        },
     };
     let agent = Arc::new(NodeAgent::new(
         supervisor,
@@ -138,16 +135,18 @@ pub async fn serve(
     health_reporter
         .set_serving::<celld_proto::v1::node_server::NodeServer<NodeApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(celld_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // The same descriptor sets for both reflection versions grpcurl may ask for.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(celld_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .map_err(|e| ServeError::Signal(std::io::Error::other(e.to_string())))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(celld_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| ServeError::Signal(std::io::Error::other(e.to_string())))?;
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let graceful = async move {

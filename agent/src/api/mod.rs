@@ -32,7 +32,6 @@ pub struct NodeFacts {
     pub kernel_release: String,
     pub config_errors: Vec<String>,
     pub state_dir: PathBuf,
-    pub reserved: pb::Resources,
     /// The node's name towards the master when set (a daemon must not rename its host).
     pub node_name: String,
 }

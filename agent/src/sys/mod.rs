@@ -5,7 +5,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -136,12 +136,6 @@ pub fn loopback_up() -> Result<(), Errno> {
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
     Errno::result(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) })?;
     Ok(())
-}
-
-/// Reads `buf.len()` bytes or until EOF from a borrowed descriptor, without taking
-/// ownership (std's File would close it).
-pub fn read_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
-    nix::unistd::read(fd.as_raw_fd(), buf)
 }
 
 /// setrlimit(2) by raw resource number, as task specs name them.
