@@ -21,6 +21,9 @@ pub const DEFAULT_FILE_NAME: &str = "job.toml";
 
 const MAX_NAME_LEN: usize = 40;
 const MAX_REPLICAS: u32 = 1000;
+/// celld's own default and limit for a task's grace period.
+const DEFAULT_KILL_GRACE_MS: u32 = 10_000;
+const MAX_KILL_GRACE_MS: u32 = 600_000;
 const MAX_PRIORITY: u32 = 1000;
 const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
@@ -155,6 +158,13 @@ pub struct JobSpec {
     pub restart: RestartPolicy,
     pub constraints: Constraints,
     pub budget: Budget,
+    /// SIGTERM to SIGKILL when a task is stopped (kill, drain, preemption).
+    #[serde(default = "default_kill_grace_ms")]
+    pub kill_grace_ms: u32,
+}
+
+fn default_kill_grace_ms() -> u32 {
+    DEFAULT_KILL_GRACE_MS
 }
 
 // The raw forms: what serde reads, with spans on the fields the checks look at.
@@ -178,6 +188,8 @@ struct RawJob {
     constraints: Constraints,
     #[serde(default)]
     budget: Option<Spanned<RawBudget>>,
+    #[serde(default)]
+    kill_grace_ms: Option<Spanned<u32>>,
 }
 
 fn one_replica() -> Spanned<u32> {
@@ -401,7 +413,20 @@ impl Checker<'_> {
             }
         };
 
+        let kill_grace_ms = match &raw.kill_grace_ms {
+            None => DEFAULT_KILL_GRACE_MS,
+            Some(g) if *g.get_ref() > MAX_KILL_GRACE_MS => {
+                return Err(self.invalid(
+                    "kill_grace_ms",
+                    g.span(),
+                    format!("{} is outside 0..={MAX_KILL_GRACE_MS}", g.get_ref()),
+                ));
+            }
+            Some(g) => *g.get_ref(),
+        };
+
         Ok(JobSpec {
+            kill_grace_ms,
             name: raw.name.into_inner(),
             replicas,
             priority,

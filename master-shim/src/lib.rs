@@ -7,14 +7,25 @@
 //! - `store`: the master's state behind one trait; SQLite by default.
 //! - [`poll`]: polling every node's status, liveness (Ready, Unknown, Down).
 //! - [`registry`]: the nodes the master knows and what they said.
-//! - [`server`]: the Master gRPC service with the poller beside it.
+//! - [`server`]: the master's shared state and its loops (poller, changes, placement).
+//! - [`api`]: the Master gRPC service, thin; [`admin`] and [`drain`] do operators' calls.
+//! - [`control`]: registrations, liveness changes and statuses applied to the store.
+//! - [`reconcile`]: pure rules matching a node's tasks against the store's.
 //! - [`placement`]: the loop that schedules pending tasks and starts them on nodes.
+//! - [`nodes`]: calls from the master to nodes.
 //! - [`http`]: iPXE scripts and image artifacts for machines that PXE-boot.
 
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod control;
+pub mod drain;
 pub mod http;
 pub mod jobfile;
+pub mod nodes;
 pub mod placement;
 pub mod poll;
+pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

@@ -1,5 +1,6 @@
 //! The nodes the master knows: who registered, from where, with what, and what the last
-//! poll said. In memory for now; the store keeps it across restarts once it is wired in.
+//! poll said. The store keeps the durable part (identity, address, cordon); a restarted
+//! master loads it from there with [`Registry::load`] and polls every node at once.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -7,6 +8,7 @@ use std::net::IpAddr;
 use celld_proto::v1 as pb;
 
 use crate::poll::{Change, Fleet, Liveness, NodeHealth};
+use crate::store::NodeRow;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
@@ -33,7 +35,23 @@ pub struct NodeRecord {
     pub labels: BTreeMap<String, String>,
     pub allocatable: Option<pb::Resources>,
     pub tasks: u32,
+    /// Cordoned by the master (stored).
     pub cordoned: bool,
+    /// Cordoned or draining by the node itself (an operator talked to it directly).
+    pub node_cordoned: bool,
+    /// From the last full status.
+    pub conditions: Vec<pb::Condition>,
+}
+
+/// A registration that was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub id: String,
+    /// Where to poll.
+    pub address: String,
+    /// The boot id the master knew before, when this is another boot of a known node:
+    /// whatever the master had placed there is gone.
+    pub rebooted_from: Option<String>,
 }
 
 #[derive(Default)]
@@ -49,14 +67,37 @@ fn safe_id(s: &str) -> bool {
 }
 
 impl Registry {
-    /// Checks a registration and records it; the node's id is its hostname. Returns the id
-    /// and the address to poll.
+    /// The nodes of a restarted master, from its store: each is polled again from New.
+    pub fn load(&mut self, fleet: &Fleet, nodes: &[NodeRow]) {
+        let mut fleet = fleet.lock().unwrap_or_else(|p| p.into_inner());
+        for n in nodes {
+            self.records.insert(
+                n.id.clone(),
+                NodeRecord {
+                    machine_id: n.machine_id.clone(),
+                    boot_id: n.boot_id.clone(),
+                    image_version: n.image_version.clone(),
+                    labels: n.labels.clone(),
+                    allocatable: Some(pb::Resources {
+                        memory_bytes: n.allocatable.memory_bytes,
+                        cpu_millis: n.allocatable.cpu_millis,
+                        pids_max: n.allocatable.pids_max,
+                    }),
+                    cordoned: n.cordoned,
+                    ..Default::default()
+                },
+            );
+            fleet.insert(n.id.clone(), NodeHealth::new(n.address.clone()));
+        }
+    }
+
+    /// Checks a registration and records it; the node's id is its hostname.
     pub fn register(
         &mut self,
         fleet: &Fleet,
         req: &pb::RegisterRequest,
         peer: IpAddr,
-    ) -> Result<(String, String), RegisterError> {
+    ) -> Result<Registered, RegisterError> {
         let invalid = |field, problem: &str| RegisterError::Invalid {
             field,
             problem: problem.to_string(),
@@ -96,6 +137,8 @@ impl Registry {
             IpAddr::V4(v4) => format!("{v4}:{port}"),
         };
         let record = self.records.entry(id.clone()).or_default();
+        let rebooted_from = (!record.boot_id.is_empty() && record.boot_id != req.boot_id)
+            .then(|| record.boot_id.clone());
         record.machine_id = identity.machine_id.clone();
         record.boot_id = req.boot_id.clone();
         record.image_version = req.image_version.clone();
@@ -107,7 +150,11 @@ impl Registry {
             .entry(id.clone())
             .or_insert_with(|| NodeHealth::new(address.clone()));
         health.address = address.clone();
-        Ok((id, address))
+        Ok(Registered {
+            id,
+            address,
+            rebooted_from,
+        })
     }
 
     /// Folds a poll's change into the records.
@@ -116,8 +163,9 @@ impl Registry {
             r.boot_id = s.boot_id.clone();
             r.image_version = s.image_version.clone();
             r.tasks = s.tasks.len() as u32;
-            r.cordoned = s.cordoned;
+            r.node_cordoned = s.cordoned || s.draining;
             r.allocatable = s.allocatable;
+            r.conditions = s.conditions.clone();
         }
     }
 
@@ -144,7 +192,7 @@ impl Registry {
                     labels: r.labels.clone().into_iter().collect(),
                     allocatable: r.allocatable,
                     tasks: r.tasks,
-                    cordoned: r.cordoned,
+                    cordoned: r.cordoned || r.node_cordoned,
                     missed_polls: h.map(|h| h.missed).unwrap_or(0),
                     last_reply_ms_ago: h
                         .and_then(|h| h.last_reply)
@@ -178,15 +226,47 @@ mod tests {
     fn a_node_registers_and_is_polled_at_its_peer_address() {
         let fleet: Fleet = Arc::new(Mutex::new(BTreeMap::new()));
         let mut r = Registry::default();
-        let (id, addr) = r
+        let reg = r
             .register(&fleet, &req("n1", "m1"), "10.0.0.5".parse().unwrap())
             .unwrap();
-        assert_eq!((id.as_str(), addr.as_str()), ("n1", "10.0.0.5:7100"));
+        assert_eq!(
+            (reg.id.as_str(), reg.address.as_str()),
+            ("n1", "10.0.0.5:7100")
+        );
+        assert_eq!(reg.rebooted_from, None);
         assert!(fleet.lock().unwrap().contains_key("n1"));
-        // Same machine again (a reboot): fine.
-        r.register(&fleet, &req("n1", "m1"), "10.0.0.6".parse().unwrap())
+        // Same machine again, same boot (celld restarted its registration): fine.
+        let again = r
+            .register(&fleet, &req("n1", "m1"), "10.0.0.6".parse().unwrap())
             .unwrap();
+        assert_eq!(again.rebooted_from, None);
         assert_eq!(fleet.lock().unwrap()["n1"].address, "10.0.0.6:7100");
+        // Another boot: the master hears which one it replaces.
+        let mut q = req("n1", "m1");
+        q.boot_id = "b2".into();
+        let reboot = r.register(&fleet, &q, "10.0.0.6".parse().unwrap()).unwrap();
+        assert_eq!(reboot.rebooted_from.as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn a_loaded_node_keeps_its_owner_and_cordon() {
+        let fleet: Fleet = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut r = Registry::default();
+        let row = NodeRow {
+            id: "n1".into(),
+            machine_id: "m1".into(),
+            address: "10.0.0.5:7100".into(),
+            cordoned: true,
+            boot_id: "b1".into(),
+            ..Default::default()
+        };
+        r.load(&fleet, &[row]);
+        assert!(r.records["n1"].cordoned);
+        assert_eq!(fleet.lock().unwrap()["n1"].liveness, Liveness::New);
+        let e = r
+            .register(&fleet, &req("n1", "m2"), "10.0.0.9".parse().unwrap())
+            .unwrap_err();
+        assert!(matches!(e, RegisterError::Impostor { .. }), "{e}");
     }
 
     #[test]

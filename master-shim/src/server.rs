@@ -1,19 +1,24 @@
-//! `cellmaster serve`: the Master gRPC service (registration, admin reads) with the poller
-//! running beside it. Takes its listener and a shutdown future, so tests bind port 0.
+//! `cellmaster serve`: the master's shared state and its loops. The gRPC service
+//! ([`crate::api`]) answers nodes and operators; beside it run the poller, the consumer of
+//! its changes (liveness into the store, reconciliation of full statuses) and the
+//! placement loop. Takes its listener and a shutdown future, so tests bind port 0.
+//!
+//! Everything that changes tasks (a placement pass, a reconciliation, a kill, a drain
+//! step) holds [`MasterState::control`], so each sees the store as the others left it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use celld_proto::v1 as pb;
-use celld_proto::v1::master_server::{Master, MasterServer};
+use celld_proto::v1::master_server::MasterServer;
 use tokio::net::TcpListener;
-use tonic::{Request, Response, Status};
+use tokio::time::Instant;
 
-use crate::jobfile::{JobFileError, Resources, check_fits_somewhere, parse_job_named};
+use crate::api::MasterApi;
+use crate::nodes::NodeCalls;
 use crate::poll::{Change, Fleet, GrpcSource, PollPolicy, Poller};
-use crate::registry::{RegisterError, Registry};
-use crate::store::{JobRow, NodeRow, NodeState, Store, StoreError, TaskRow};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError};
 
 /// Largest request the master decodes.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -25,164 +30,101 @@ pub struct MasterState {
     pub store: Arc<dyn Store>,
     /// Why each pending task is pending, from the last placement pass.
     pub pending: Mutex<BTreeMap<String, String>>,
+    /// Held by whatever changes tasks; see the module documentation.
+    pub control: tokio::sync::Mutex<()>,
+    /// When each task was last placed: a status older than that may not show it yet.
+    pub placed_at: Mutex<BTreeMap<String, Instant>>,
+    /// Kills a node did not take yet, by (node, task id on the node): retried every
+    /// interval until the node answers.
+    pub pending_kills: Mutex<BTreeMap<(String, String), u32>>,
+    pub calls: NodeCalls,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent, so a panic elsewhere does not
+    // poison anything that matters.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MasterState {
-    pub fn new(policy: PollPolicy, store: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            registry: Mutex::new(Registry::default()),
-            fleet: Arc::default(),
+    /// The master's state, with the nodes the store remembers (polled again from New).
+    pub fn new(policy: PollPolicy, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let fleet = Fleet::default();
+        let mut registry = Registry::default();
+        registry.load(&fleet, &store.list_nodes()?);
+        Ok(Arc::new(Self {
+            registry: Mutex::new(registry),
+            fleet,
             policy,
             store,
             pending: Mutex::default(),
-        })
-    }
-
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[derive(Clone)]
-pub struct MasterApi {
-    state: Arc<MasterState>,
-}
-
-#[tonic::async_trait]
-impl Master for MasterApi {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let peer = req
-            .remote_addr()
-            .ok_or_else(|| Status::failed_precondition("the caller's address is unknown"))?;
-        let r = req.into_inner();
-        let (id, address) = self
-            .state
-            .registry()
-            .register(&self.state.fleet, &r, peer.ip())
-            .map_err(|e| match e {
-                RegisterError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-                RegisterError::Impostor { .. } => Status::already_exists(e.to_string()),
-            })?;
-        // The store keeps the node so tasks can be placed on it (and it survives restarts).
-        let allocatable = r.allocatable.unwrap_or_default();
-        let row = NodeRow {
-            id: id.clone(),
-            address: address.clone(),
-            labels: r.labels.clone().into_iter().collect(),
-            state: NodeState::Unknown,
-            cordoned: false,
-            boot_id: r.boot_id.clone(),
-            image_version: r.image_version.clone(),
-            allocatable: Resources {
-                memory_bytes: allocatable.memory_bytes,
-                cpu_millis: allocatable.cpu_millis,
-                pids_max: allocatable.pids_max,
-            },
-            last_seen_ms: 0,
-        };
-        self.state
-            .store
-            .put_node(&row)
-            .map_err(|e| Status::internal(format!("storing node {id}: {e}")))?;
-        tracing::info!(node = %id, %address, boot_id = %r.boot_id, image = %r.image_version, "node registered");
-        Ok(Response::new(pb::RegisterResponse {
-            node_id: id,
-            poll_interval_ms: self.state.policy.interval.as_millis() as u32,
+            control: tokio::sync::Mutex::new(()),
+            placed_at: Mutex::default(),
+            pending_kills: Mutex::default(),
+            calls: NodeCalls::default(),
         }))
     }
 
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let r = req.into_inner();
-        let file = if r.file_name.is_empty() {
-            "job.toml"
-        } else {
-            &r.file_name
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
+    }
+
+    pub fn pending_reasons(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        lock(&self.pending)
+    }
+
+    /// The address the poller uses for `node`.
+    pub fn address(&self, node: &str) -> Option<String> {
+        lock(&self.fleet).get(node).map(|h| h.address.clone())
+    }
+
+    pub fn note_placed(&self, task_id: &str) {
+        lock(&self.placed_at).insert(task_id.to_string(), Instant::now());
+    }
+
+    /// Tasks placed within the last two intervals plus a call timeout: a status fetched
+    /// before their RunTask can still be on its way.
+    pub fn recent_placements(&self) -> BTreeSet<String> {
+        let window = self.policy.interval * 2 + self.policy.timeout;
+        let mut placed = lock(&self.placed_at);
+        placed.retain(|_, at| at.elapsed() < window);
+        placed.keys().cloned().collect()
+    }
+
+    /// Asks `node` to kill `node_task_id`; when it cannot be reached now, the kill is
+    /// kept and retried every interval. Returns whether the node took it now.
+    pub async fn kill_on_node(&self, node: &str, node_task_id: &str, grace_ms: u32) -> bool {
+        let result = match self.address(node) {
+            Some(address) => self.calls.kill_task(&address, node_task_id, grace_ms).await,
+            None => Err(format!("node {node} is unknown")),
         };
-        let bad = |e: JobFileError| Status::invalid_argument(e.to_string());
-        let job = parse_job_named(file, &r.job_toml).map_err(bad)?;
-        let largest = {
-            let registry = self.state.registry();
-            registry
-                .records
-                .values()
-                .filter_map(|n| n.allocatable)
-                .map(|a| Resources {
-                    memory_bytes: a.memory_bytes,
-                    cpu_millis: a.cpu_millis,
-                    pids_max: a.pids_max,
-                })
-                .max_by_key(|a| (a.memory_bytes, a.cpu_millis))
-        };
-        if let Some(largest) = largest {
-            check_fits_somewhere(&job, largest).map_err(bad)?;
+        let key = (node.to_string(), node_task_id.to_string());
+        match result {
+            Ok(()) => {
+                lock(&self.pending_kills).remove(&key);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%node, task = node_task_id, error = %e, "kill deferred");
+                lock(&self.pending_kills).insert(key, grace_ms);
+                false
+            }
         }
-        let tasks: Vec<TaskRow> = (0..job.replicas)
-            .map(|i| TaskRow::pending_replica(&job, i))
-            .collect();
-        let row = JobRow {
-            name: job.name.clone(),
-            spec: job.clone(),
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        };
-        self.state
-            .store
-            .submit_job(&row, &tasks)
-            .map_err(|e| match e {
-                StoreError::AlreadyExists { .. } => {
-                    Status::already_exists(format!("job {} exists already", job.name))
-                }
-                e => Status::internal(e.to_string()),
-            })?;
-        tracing::info!(job = %job.name, replicas = job.replicas, "job submitted");
-        Ok(Response::new(pb::SubmitJobResponse {
-            job: job.name,
-            tasks: tasks.into_iter().map(|t| t.id).collect(),
-        }))
     }
 
-    async fn list_cell_tasks(
-        &self,
-        _req: Request<pb::ListCellTasksRequest>,
-    ) -> Result<Response<pb::ListCellTasksResponse>, Status> {
-        let tasks = self
-            .state
-            .store
-            .list_tasks()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let pending = self.state.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let tasks = tasks
-            .into_iter()
-            .map(|t| pb::CellTask {
-                reason: pending.get(&t.id).cloned().unwrap_or(t.reason),
-                id: t.id,
-                job: t.job,
-                node: t.node.unwrap_or_default(),
-                state: t.state.as_str().into(),
-                priority: t.priority,
-            })
+    async fn retry_kills(&self) {
+        let kills: Vec<((String, String), u32)> = lock(&self.pending_kills)
+            .iter()
+            .map(|(k, g)| (k.clone(), *g))
             .collect();
-        Ok(Response::new(pb::ListCellTasksResponse { tasks }))
-    }
-
-    async fn list_nodes(
-        &self,
-        _req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = self.state.registry().summaries(&self.state.fleet);
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        for ((node, task), grace) in kills {
+            self.kill_on_node(&node, &task, grace).await;
+        }
     }
 }
 
-/// Serves until `shutdown`; the poller and the change consumer run until then too.
+/// Serves until `shutdown`; the poller, the change consumer and the placement loop run
+/// until then too.
 pub async fn serve(
     state: Arc<MasterState>,
     listener: TcpListener,
@@ -205,7 +147,9 @@ pub async fn serve(
                     tracing::debug!(node = %id, generation = s.generation, "node status")
                 }
             }
-            consumer_state.registry().apply(&id, &change);
+            if let Err(e) = crate::control::on_change(&consumer_state, &id, change).await {
+                tracing::error!(node = %id, error = %e, "applying a node's change failed");
+            }
         }
     });
     let placing_state = state.clone();
@@ -214,19 +158,14 @@ pub async fn serve(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let store = placing_state.store.clone();
-            match crate::placement::place_pending(&placing_state, &store).await {
-                Ok(waiting) => {
-                    *placing_state
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = waiting
-                }
+            placing_state.retry_kills().await;
+            match crate::placement::place_pending(&placing_state).await {
+                Ok(waiting) => *placing_state.pending_reasons() = waiting,
                 Err(e) => tracing::error!(error = %e, "placement pass failed"),
             }
         }
     });
-    let api = MasterApi { state };
+    let api = MasterApi::new(state);
     let result = tonic::transport::Server::builder()
         .add_service(MasterServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(

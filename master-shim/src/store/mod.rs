@@ -62,6 +62,8 @@ pub enum NodeState {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeRow {
     pub id: String,
+    /// The machine that owns this id; another machine claiming it is refused.
+    pub machine_id: String,
     /// host:port to poll.
     pub address: String,
     pub labels: BTreeMap<String, String>,
@@ -136,6 +138,11 @@ impl TaskState {
         matches!(self, Self::Assigned | Self::Running)
     }
 
+    /// Ended for good; the task keeps the node it ran on, for its logs.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Killed)
+    }
+
     /// Wants a node: what the scheduler should place.
     pub fn wants_node(self) -> bool {
         matches!(
@@ -174,9 +181,26 @@ pub struct TaskRow {
     pub reason: String,
     pub priority: u32,
     pub resources: Resources,
+    /// Placements so far; each one runs on its node as a new incarnation
+    /// ([`TaskRow::node_task_id`]), so a stale copy is never mistaken for the current one.
+    pub attempt: u32,
 }
 
 impl TaskRow {
+    /// The id of this placement on its node: `<task>-<attempt>`.
+    pub fn node_task_id(&self) -> String {
+        format!("{}-{}", self.id, self.attempt)
+    }
+
+    /// Splits a node's task id into the master's task id and the attempt.
+    pub fn parse_node_task_id(node_id: &str) -> Option<(&str, u32)> {
+        let (task, attempt) = node_id.rsplit_once('-')?;
+        if attempt.is_empty() || !attempt.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((task, attempt.parse().ok()?))
+    }
+
     /// The pending replica `replica` of `job`.
     pub fn pending_replica(job: &JobSpec, replica: u32) -> Self {
         Self {
@@ -188,6 +212,7 @@ impl TaskRow {
             reason: "waiting for the scheduler".to_string(),
             priority: job.priority,
             resources: job.resources,
+            attempt: 0,
         }
     }
 }
@@ -200,6 +225,12 @@ pub trait Store: Send + Sync {
 
     /// Inserts or replaces a node.
     fn put_node(&self, node: &NodeRow) -> Result<Revision, StoreError>;
+    /// Reads, changes and writes one node in one transaction (`NotFound` when absent).
+    fn update_node(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut NodeRow),
+    ) -> Result<(Revision, NodeRow), StoreError>;
     fn get_node(&self, id: &str) -> Result<Option<NodeRow>, StoreError>;
     fn list_nodes(&self) -> Result<Vec<NodeRow>, StoreError>;
     /// Refused while tasks are assigned to it.
@@ -228,16 +259,22 @@ pub trait Store: Send + Sync {
     fn tasks_of_job(&self, job: &str) -> Result<Vec<TaskRow>, StoreError>;
     fn tasks_on_node(&self, node: &str) -> Result<Vec<TaskRow>, StoreError>;
     fn delete_task(&self, id: &str) -> Result<Revision, StoreError>;
-    /// Sets a task's state and reason; leaving a node-holding state clears its node.
+    /// Sets a task's state and reason; a state that wants a node again clears its node
+    /// (finished tasks keep theirs, to find their logs).
     fn set_task_state(
         &self,
         id: &str,
         state: TaskState,
         reason: &str,
     ) -> Result<Revision, StoreError>;
-    /// Assigns the task to `node` and, in the same transaction, turns `victims` (tasks on
-    /// that node) Preempted with no node.
-    fn place_task(&self, id: &str, node: &str, victims: &[String]) -> Result<Revision, StoreError>;
+    /// Assigns the task to `node` as its next attempt and, in the same transaction, turns
+    /// `victims` (tasks on that node) Preempted with no node. Returns the task as placed.
+    fn place_task(
+        &self,
+        id: &str,
+        node: &str,
+        victims: &[String],
+    ) -> Result<(Revision, TaskRow), StoreError>;
 }
 
 #[cfg(test)]

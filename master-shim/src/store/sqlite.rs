@@ -14,9 +14,9 @@ use super::{JobRow, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, Ta
 use crate::jobfile::Resources;
 
 /// `PRAGMA user_version` of the schema below. A new version adds a step to `migrate`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -59,10 +59,17 @@ CREATE INDEX tasks_by_job ON tasks (job);
 CREATE INDEX tasks_by_node ON tasks (node);
 ";
 
-const TASK_COLUMNS: &str =
-    "id, job, replica, node, state, reason, priority, memory_bytes, cpu_millis, pids_max";
+/// Version 2: the machine that owns a node id (impostors are refused across restarts) and
+/// each task's attempt (every placement is a new incarnation on its node).
+const SCHEMA_V2: &str = "
+ALTER TABLE nodes ADD COLUMN machine_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+";
+
+const TASK_COLUMNS: &str = "id, job, replica, node, state, reason, priority, memory_bytes, \
+                            cpu_millis, pids_max, attempt";
 const NODE_COLUMNS: &str = "id, address, labels, state, cordoned, boot_id, image_version, \
-                            memory_bytes, cpu_millis, pids_max, last_seen_ms";
+                            memory_bytes, cpu_millis, pids_max, last_seen_ms, machine_id";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -174,23 +181,28 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    if version == 0 {
-        // Schema and version together, so a crash here leaves an empty file that the
-        // next open creates again.
+    // Each step and its version number in one transaction, so a crash leaves the file at
+    // the last whole step, which the next open continues from.
+    let steps: [(i64, &str); 2] = [(1, SCHEMA_V1), (2, SCHEMA_V2)];
+    for (to, script) in steps {
+        if version >= to {
+            continue;
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql("create schema: begin"))?;
-        // Another process may have created it while this one waited for the lock.
-        let version: i64 = tx
+            .map_err(sql(format!("schema {to}: begin")))?;
+        // Another process may have migrated while this one waited for the lock.
+        let now: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql("read schema version"))?;
-        if version != 0 {
-            return Ok(());
+        if now >= to {
+            continue;
         }
-        tx.execute_batch(SCHEMA_V1).map_err(sql("create schema"))?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql("set schema version"))?;
-        tx.commit().map_err(sql("create schema: commit"))?;
+        tx.execute_batch(script)
+            .map_err(sql(format!("schema {to}")))?;
+        tx.pragma_update(None, "user_version", to)
+            .map_err(sql(format!("set schema version {to}")))?;
+        tx.commit().map_err(sql(format!("schema {to}: commit")))?;
     }
     Ok(())
 }
@@ -227,6 +239,7 @@ fn node_from_row(r: &Row) -> rusqlite::Result<Result<NodeRow, StoreError>> {
             pids_max: from_sql(r.get(9)?),
         },
         last_seen_ms: from_sql(r.get(10)?),
+        machine_id: r.get(11)?,
     }))
 }
 
@@ -265,6 +278,7 @@ fn task_from_row(r: &Row) -> rusqlite::Result<Result<TaskRow, StoreError>> {
             cpu_millis: from_sql(r.get(8)?),
             pids_max: from_sql(r.get(9)?),
         },
+        attempt: r.get(10)?,
     }))
 }
 
@@ -281,7 +295,7 @@ fn write_task(
         "INSERT"
     };
     let q = format!(
-        "{verb} INTO tasks ({TASK_COLUMNS}, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        "{verb} INTO tasks ({TASK_COLUMNS}, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
     );
     let r = &t.resources;
     tx.prepare_cached(&q)
@@ -297,6 +311,7 @@ fn write_task(
                 to_sql(r.memory_bytes),
                 to_sql(r.cpu_millis),
                 to_sql(r.pids_max),
+                t.attempt,
                 to_sql(rev),
             ])
         })
@@ -314,6 +329,38 @@ fn write_task(
                 source: other,
             },
         })?;
+    Ok(())
+}
+
+fn write_node(tx: &Transaction, n: &NodeRow, rev: Revision) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&n.labels).map_err(|source| StoreError::Json {
+        job: format!("(labels of node {})", n.id),
+        source,
+    })?;
+    let q = format!(
+        "INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}, revision) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    );
+    let a = &n.allocatable;
+    tx.prepare_cached(&q)
+        .and_then(|mut s| {
+            s.execute(params![
+                n.id,
+                n.address,
+                labels,
+                n.state.as_str(),
+                n.cordoned,
+                n.boot_id,
+                n.image_version,
+                to_sql(a.memory_bytes),
+                to_sql(a.cpu_millis),
+                to_sql(a.pids_max),
+                to_sql(n.last_seen_ms),
+                n.machine_id,
+                to_sql(rev),
+            ])
+        })
+        .map_err(sql(format!("put node {}", n.id)))?;
     Ok(())
 }
 
@@ -346,37 +393,35 @@ impl Store for SqliteStore {
     }
 
     fn put_node(&self, n: &NodeRow) -> Result<Revision, StoreError> {
-        let labels = serde_json::to_string(&n.labels).map_err(|source| StoreError::Json {
-            job: format!("(labels of node {})", n.id),
-            source,
-        })?;
-        let q = format!(
-            "INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}, revision) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        );
-        let a = &n.allocatable;
-        let (rev, ()) = self.write("put node", |tx, rev| {
-            tx.execute(
-                &q,
-                params![
-                    n.id,
-                    n.address,
-                    labels,
-                    n.state.as_str(),
-                    n.cordoned,
-                    n.boot_id,
-                    n.image_version,
-                    to_sql(a.memory_bytes),
-                    to_sql(a.cpu_millis),
-                    to_sql(a.pids_max),
-                    to_sql(n.last_seen_ms),
-                    to_sql(rev),
-                ],
-            )
-            .map_err(sql(format!("put node {}", n.id)))?;
-            Ok(())
-        })?;
+        let (rev, ()) = self.write("put node", |tx, rev| write_node(tx, n, rev))?;
         Ok(rev)
+    }
+
+    fn update_node(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut NodeRow),
+    ) -> Result<(Revision, NodeRow), StoreError> {
+        self.write("update node", |tx, rev| {
+            let q = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1");
+            let mut node = tx
+                .query_row(&q, [id], node_from_row)
+                .optional()
+                .map_err(sql(format!("read node {id}")))?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "node",
+                    id: id.to_string(),
+                })??;
+            change(&mut node);
+            if node.id != id {
+                return Err(StoreError::Corrupt {
+                    what: "node id changed by an update",
+                    value: node.id,
+                });
+            }
+            write_node(tx, &node, rev)?;
+            Ok(node)
+        })
     }
 
     fn get_node(&self, id: &str) -> Result<Option<NodeRow>, StoreError> {
@@ -543,13 +588,19 @@ impl Store for SqliteStore {
         reason: &str,
     ) -> Result<Revision, StoreError> {
         let (rev, ()) = self.write("set task state", |tx, rev| {
-            // A task that no longer holds a node forgets it, so reconciliation kills any
-            // copy still running there.
+            // A task to be placed again forgets its node, so reconciliation kills any copy
+            // still running there; a finished one keeps it for its logs.
             let n = tx
                 .execute(
                     "UPDATE tasks SET state = ?2, reason = ?3, revision = ?4, \
                      node = CASE WHEN ?5 THEN node ELSE NULL END WHERE id = ?1",
-                    params![id, state.as_str(), reason, to_sql(rev), state.is_on_node()],
+                    params![
+                        id,
+                        state.as_str(),
+                        reason,
+                        to_sql(rev),
+                        state.is_on_node() || state.is_finished()
+                    ],
                 )
                 .map_err(sql(format!("set state of task {id}")))?;
             require(n, "task", id)
@@ -557,8 +608,13 @@ impl Store for SqliteStore {
         Ok(rev)
     }
 
-    fn place_task(&self, id: &str, node: &str, victims: &[String]) -> Result<Revision, StoreError> {
-        let (rev, ()) = self.write("place task", |tx, rev| {
+    fn place_task(
+        &self,
+        id: &str,
+        node: &str,
+        victims: &[String],
+    ) -> Result<(Revision, TaskRow), StoreError> {
+        self.write("place task", |tx, rev| {
             if !exists(tx, "SELECT 1 FROM nodes WHERE id = ?1", node)? {
                 return Err(StoreError::NotFound {
                     kind: "node",
@@ -575,15 +631,17 @@ impl Store for SqliteStore {
                     .map_err(sql(format!("preempt task {v}")))?;
                 require(n, "task on that node", v)?;
             }
-            let n = tx
-                .execute(
-                    "UPDATE tasks SET state = 'assigned', node = ?2, reason = '', \
-                     revision = ?3 WHERE id = ?1",
-                    params![id, node, to_sql(rev)],
-                )
-                .map_err(sql(format!("place task {id}")))?;
-            require(n, "task", id)
-        })?;
-        Ok(rev)
+            let q = format!(
+                "UPDATE tasks SET state = 'assigned', node = ?2, reason = '', \
+                 attempt = attempt + 1, revision = ?3 WHERE id = ?1 RETURNING {TASK_COLUMNS}"
+            );
+            tx.query_row(&q, params![id, node, to_sql(rev)], task_from_row)
+                .optional()
+                .map_err(sql(format!("place task {id}")))?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "task",
+                    id: id.to_string(),
+                })?
+        })
     }
 }

@@ -33,6 +33,7 @@ fn node(id: &str) -> NodeRow {
         image_version: "0.1.0".to_string(),
         allocatable: Resources::new(8 << 30, 4000),
         last_seen_ms: 1_700_000_000_500,
+        machine_id: format!("machine-{id}"),
     }
 }
 
@@ -49,7 +50,7 @@ fn reopening_keeps_everything() {
         assert_eq!(s.revision().unwrap(), 0);
         s.put_node(&node("n1")).unwrap();
         s.submit_job(&web, &replicas(&web)).unwrap();
-        s.place_task("web-1", "n1", &[]).unwrap()
+        s.place_task("web-1", "n1", &[]).unwrap().0
     };
     let s = open(&dir);
     assert_eq!(s.revision().unwrap(), rev);
@@ -184,7 +185,11 @@ fn deleting() {
     assert!(s.delete_node("n1").is_err());
     s.set_task_state("web-0", TaskState::Killed, "killed by admin")
         .unwrap();
-    assert_eq!(s.get_task("web-0").unwrap().unwrap().node, None);
+    // A finished task keeps its node (for its logs) but holds nothing there.
+    assert_eq!(
+        s.get_task("web-0").unwrap().unwrap().node.as_deref(),
+        Some("n1")
+    );
     s.delete_node("n1").unwrap();
     s.delete_task("web-1").unwrap();
     assert!(s.delete_task("web-1").is_err());
@@ -216,7 +221,7 @@ fn a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{e}"
@@ -294,4 +299,68 @@ fn one_store_shared_between_threads() {
     revs.dedup();
     assert_eq!(revs.len(), 4, "each write its own revision");
     assert_eq!(s.list_tasks().unwrap().len(), 8);
+}
+
+#[test]
+fn every_placement_is_a_new_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.put_node(&node("n1")).unwrap();
+    let web = job("web", 1);
+    s.submit_job(&web, &replicas(&web)).unwrap();
+    assert_eq!(s.get_task("web-0").unwrap().unwrap().attempt, 0);
+    let (_, placed) = s.place_task("web-0", "n1", &[]).unwrap();
+    assert_eq!(
+        (placed.attempt, placed.node_task_id()),
+        (1, "web-0-1".to_string())
+    );
+    s.set_task_state("web-0", TaskState::Lost, "n1 down")
+        .unwrap();
+    let (_, again) = s.place_task("web-0", "n1", &[]).unwrap();
+    assert_eq!(again.node_task_id(), "web-0-2");
+    assert_eq!(s.get_task("web-0").unwrap().unwrap(), again);
+}
+
+#[test]
+fn updating_a_node_changes_only_what_the_update_touches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.put_node(&node("n1")).unwrap();
+    let (_, n) = s.update_node("n1", &mut |n| n.cordoned = true).unwrap();
+    assert_eq!(
+        n,
+        NodeRow {
+            cordoned: true,
+            ..node("n1")
+        }
+    );
+    assert_eq!(s.get_node("n1").unwrap(), Some(n));
+    assert!(matches!(
+        s.update_node("n9", &mut |_| {}).unwrap_err(),
+        StoreError::NotFound { kind: "node", .. }
+    ));
+    assert!(s.update_node("n1", &mut |n| n.id = "other".into()).is_err());
+    assert!(s.get_node("other").unwrap().is_none());
+}
+
+#[test]
+fn a_version_1_file_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cell.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(super::sqlite::SCHEMA_V1).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO nodes VALUES ('n1', 'a:1', '{}', 'ready', 0, 'b', 'v', 1, 1, 1, 0, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let n = s.get_node("n1").unwrap().unwrap();
+    assert_eq!((n.address.as_str(), n.machine_id.as_str()), ("a:1", ""));
+    drop(s);
+    // Opening again finds nothing to do.
+    SqliteStore::open(&path).unwrap();
 }

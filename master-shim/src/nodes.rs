@@ -1,0 +1,98 @@
+//! Calls from the master to nodes (RunTask, KillTask, ListTasks, TaskLogs), one lazily
+//! connected channel per address, kept for reuse. Polling has its own client in `poll`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use celld_proto::v1 as pb;
+use celld_proto::v1::node_client::NodeClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest a call to a node may take (a stream's first answer included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub struct NodeCalls {
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+/// What a node call failed with, for reasons shown to people.
+fn describe(s: tonic::Status) -> String {
+    format!("{}: {}", s.code(), s.message())
+}
+
+impl NodeCalls {
+    fn client(&self, address: &str) -> Result<NodeClient<Channel>, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Ok(NodeClient::new(c.clone()));
+        }
+        let c = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("node address {address:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        channels.insert(address.to_string(), c.clone());
+        Ok(NodeClient::new(c))
+    }
+
+    /// `req` with the call timeout.
+    fn timed<T>(req: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(CALL_TIMEOUT);
+        r
+    }
+
+    pub async fn run_task(&self, address: &str, spec: pb::TaskSpec) -> Result<(), String> {
+        self.client(address)?
+            .run_task(Self::timed(pb::RunTaskRequest { spec: Some(spec) }))
+            .await
+            .map(drop)
+            .map_err(describe)
+    }
+
+    /// Kills a task; one the node does not have counts as killed.
+    pub async fn kill_task(&self, address: &str, id: &str, grace_ms: u32) -> Result<(), String> {
+        match self
+            .client(address)?
+            .kill_task(Self::timed(pb::KillTaskRequest {
+                id: id.to_string(),
+                grace_ms,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(describe(s)),
+        }
+    }
+
+    /// The node's status of one task.
+    pub async fn task_status(&self, address: &str, id: &str) -> Result<pb::TaskStatus, String> {
+        let tasks = self
+            .client(address)?
+            .list_tasks(Self::timed(pb::ListTasksRequest::default()))
+            .await
+            .map_err(describe)?
+            .into_inner()
+            .tasks;
+        tasks
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| format!("the node has no task {id}"))
+    }
+
+    /// A task's log stream. Followed streams run as long as the node keeps them open, so
+    /// only the first answer is bounded by the call timeout.
+    pub async fn logs(
+        &self,
+        address: &str,
+        req: pb::TaskLogsRequest,
+    ) -> Result<tonic::Streaming<pb::LogLine>, tonic::Status> {
+        let mut client = self.client(address).map_err(tonic::Status::unavailable)?;
+        tokio::time::timeout(CALL_TIMEOUT, client.task_logs(req))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded(format!("{address} did not answer")))?
+            .map(|r| r.into_inner())
+    }
+}
