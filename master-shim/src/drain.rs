@@ -6,6 +6,8 @@
 //! running (pending, assigned, lost, preempted, evicted); finished replicas (succeeded,
 //! failed, killed) do not count. A task is evicted only when its job's unavailable count,
 //! with this eviction, stays within `budget.max_unavailable`. Lowest priority first.
+//! The drain is done when nothing of the master's is left on the node, every evicted task
+//! runs elsewhere, and the node says the evicted copies have stopped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -88,6 +90,8 @@ async fn run(
     let deadline = tokio::time::Instant::now() + timeout;
     let pause = (state.policy.interval / 2).max(Duration::from_millis(100));
     let mut evicted: BTreeSet<String> = BTreeSet::new();
+    // The evicted attempts as they run on the node, until the node says they ended.
+    let mut stopping: BTreeSet<String> = BTreeSet::new();
     let mut last = String::new();
     loop {
         let (remaining, waiting, message) = {
@@ -113,6 +117,7 @@ async fn run(
                     )
                     .map_err(internal)?;
                 state.kill_on_node(node, &t.node_task_id(), grace).await;
+                stopping.insert(t.node_task_id());
                 evicted.insert(id.clone());
                 message.push(format!("evicted {id}"));
             }
@@ -139,7 +144,15 @@ async fn run(
             }
             (remaining, waiting.len(), message.join("; "))
         };
-        let done = remaining == 0 && waiting == 0;
+        let mut message = message;
+        if remaining == 0 && waiting == 0 && !stopping.is_empty() {
+            stopping = still_running(state, node, stopping).await;
+            if !stopping.is_empty() {
+                let names: Vec<&str> = stopping.iter().map(String::as_str).collect();
+                message = format!("waiting for {} to stop on {node}", names.join(", "));
+            }
+        }
+        let done = remaining == 0 && waiting == 0 && stopping.is_empty();
         let message = if done {
             format!(
                 "{node} drained: {} task(s) evicted, all running elsewhere",
@@ -173,6 +186,28 @@ async fn run(
             )));
         }
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Those of `ids` that the node still runs. A node that cannot be asked runs nothing
+/// the drain can wait for (it is down, or its tasks are lost to the master anyway).
+async fn still_running(state: &MasterState, node: &str, ids: BTreeSet<String>) -> BTreeSet<String> {
+    let Some(address) = state.address(node) else {
+        return BTreeSet::new();
+    };
+    match state.calls.list_tasks(&address).await {
+        Ok(tasks) => tasks
+            .into_iter()
+            .filter(|t| ids.contains(&t.id))
+            .filter(|t| {
+                t.state != pb::TaskState::Dead as i32 && t.state != pb::TaskState::Evicted as i32
+            })
+            .map(|t| t.id)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(%node, error = %e, "drain: cannot ask the node whether its tasks stopped");
+            BTreeSet::new()
+        }
     }
 }
 

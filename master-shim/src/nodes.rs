@@ -67,16 +67,21 @@ impl NodeCalls {
         }
     }
 
-    /// The node's status of one task.
-    pub async fn task_status(&self, address: &str, id: &str) -> Result<pb::TaskStatus, String> {
-        let tasks = self
+    /// Every task the node knows, ended ones included.
+    pub async fn list_tasks(&self, address: &str) -> Result<Vec<pb::TaskStatus>, String> {
+        Ok(self
             .client(address)?
             .list_tasks(Self::timed(pb::ListTasksRequest::default()))
             .await
             .map_err(describe)?
             .into_inner()
-            .tasks;
-        tasks
+            .tasks)
+    }
+
+    /// The node's status of one task.
+    pub async fn task_status(&self, address: &str, id: &str) -> Result<pb::TaskStatus, String> {
+        self.list_tasks(address)
+            .await?
             .into_iter()
             .find(|t| t.id == id)
             .ok_or_else(|| format!("the node has no task {id}"))
