@@ -264,6 +264,11 @@ async fn describe(rest: &[String]) -> CliResult {
     let [kind, id] = f.positional(&["node|job|task", "ID"])? else {
         return Err(usage("describe node|job|task ID"));
     };
+    if !["node", "job", "task"].contains(&kind.as_str()) {
+        return Err(usage(format!(
+            "describe {kind:?}: describe node, job or task"
+        )));
+    }
     let req = pb::DescribeRequest { id: id.clone() };
     let json = f.has("--json");
     let mut m = f.master().await?;
@@ -286,9 +291,13 @@ async fn describe(rest: &[String]) -> CliResult {
                 .into_inner(),
             json,
         ),
-        other => Err(usage(format!(
-            "describe {other:?}: describe node, job or task"
-        ))),
+        _ => show::task(
+            &m.describe_task(req)
+                .await
+                .map_err(from_status)?
+                .into_inner(),
+            json,
+        ),
     }
 }
 

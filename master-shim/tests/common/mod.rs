@@ -338,15 +338,19 @@ impl Cell {
 
     /// Writes a job file (`body` after the name, rootfs and a sleeping argv) and submits it.
     pub fn submit(&self, name: &str, body: &str) -> Out {
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
+        self.submit_text(
+            name,
+            &format!(
                 "name = \"{name}\"\nargv = [\"sleep\", \"600\"]\nrootfs = {:?}\nkill_grace_ms = 500\n{body}",
                 self.rootfs().display().to_string()
             ),
         )
-        .unwrap();
+    }
+
+    /// Submits `text` as the job file `<file>.toml`.
+    pub fn submit_text(&self, file: &str, text: &str) -> Out {
+        let path = self.dir.path().join(format!("{file}.toml"));
+        std::fs::write(&path, text).unwrap();
         self.cli(&["submit", path.to_str().unwrap()])
     }
 }
