@@ -1,7 +1,8 @@
 //! A cell on one machine: a bridge in a network namespace, dnsmasq handing out addresses
 //! and the master's iPXE URL, cellmaster serving iPXE, the image and gRPC, and two QEMU
 //! machines that PXE-boot through their NIC's iPXE ROM into the image, register with the
-//! master and are polled by it.
+//! master and are polled by it; a job's two replicas run one on each machine, and when one
+//! machine is switched off its replica moves to the other.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -91,8 +92,30 @@ fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// `cellmaster ARGS --master BRIDGE_IP:7000` inside the namespace.
+fn cellmaster(net: &Net, args: &[&str]) -> std::process::Output {
+    net.command(workspace_bin("cellmaster"))
+        .args(args)
+        .args(["--master", &format!("{BRIDGE_IP}:7000")])
+        .output()
+        .unwrap()
+}
+
+/// Task id -> (state, node) as the master sees it.
+fn tasks(net: &Net) -> Vec<(String, String, String)> {
+    let out = cellmaster(net, &["tasks", "--json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    tasks
+        .iter()
+        .map(|t| {
+            let s = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+            (s("id"), s("state"), s("node"))
+        })
+        .collect()
+}
+
 #[test]
-fn two_machines_pxe_boot_from_the_master_register_and_are_polled() {
+fn two_machines_pxe_boot_from_the_master_register_and_run_a_jobs_replicas() {
     assert!(
         std::fs::read_to_string("/proc/self/status")
             .unwrap_or_default()
@@ -134,28 +157,27 @@ fn two_machines_pxe_boot_from_the_master_register_and_are_polled() {
             .unwrap(),
     );
     let mut vms = Vec::new();
+    let mut serials = Vec::new();
     for i in 0..2 {
         let serial = dir.path().join(format!("node{i}.log"));
-        vms.push((
-            Proc(
-                net.command("qemu-system-x86_64")
-                    .args(["-accel", "tcg", "-m", "512", "-display", "none"])
-                    .args(["-monitor", "none", "-no-reboot", "-boot", "n"])
-                    .arg("-netdev")
-                    .arg(format!("tap,id=n0,ifname=tap{i},script=no,downscript=no"))
-                    .arg("-device")
-                    .arg(format!(
-                        "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:0{}",
-                        i + 1
-                    ))
-                    .arg("-serial")
-                    .arg(format!("file:{}", serial.display()))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86"),
-            ),
-            serial,
+        serials.push(serial.clone());
+        vms.push(Proc(
+            net.command("qemu-system-x86_64")
+                .args(["-accel", "tcg", "-m", "512", "-display", "none"])
+                .args(["-monitor", "none", "-no-reboot", "-boot", "n"])
+                .arg("-netdev")
+                .arg(format!("tap,id=n0,ifname=tap{i},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:0{}",
+                    i + 1
+                ))
+                .arg("-serial")
+                .arg(format!("file:{}", serial.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86"),
         ));
     }
     let consoles = || {
@@ -163,7 +185,7 @@ fn two_machines_pxe_boot_from_the_master_register_and_are_polled() {
             "master log:\n{}\n",
             std::fs::read_to_string(dir.path().join("master.log")).unwrap_or_default()
         );
-        for (_, serial) in &vms {
+        for serial in &serials {
             s += &format!(
                 "--- {}:\n{}\n",
                 serial.display(),
@@ -201,6 +223,60 @@ fn two_machines_pxe_boot_from_the_master_register_and_are_polled() {
             "{n:#?}"
         );
     }
+
+    // A job of two replicas from the image's busybox rootfs: one on each machine.
+    let job = dir.path().join("web.toml");
+    std::fs::write(
+        &job,
+        "name = \"web\"\nreplicas = 2\npriority = 100\nargv = [\"httpd\", \"-f\", \"-p\", \"8080\"]\n\
+         rootfs = \"/rootfs/busybox\"\n[resources]\nmemory = \"16MiB\"\ncpu_millis = 100\n",
+    )
+    .unwrap();
+    let out = cellmaster(&net, &["submit", job.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t = tasks(&net);
+        let mut on: Vec<&str> = t
+            .iter()
+            .filter(|(_, state, _)| state == "running")
+            .map(|(_, _, node)| node.as_str())
+            .collect();
+        on.sort();
+        if on == ["node-770001", "node-770002"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web's replicas not running on both machines: {t:?}\n{}",
+            consoles()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // The second machine is switched off: its replica moves to the first.
+    drop(vms.remove(1));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t = tasks(&net);
+        let moved = t.len() == 2
+            && t.iter()
+                .all(|(_, state, node)| state == "running" && node == "node-770001");
+        if moved {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica of the switched-off machine did not move: {t:?}\n{}",
+            consoles()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     let dir_keep = std::env::var_os("CELLD_CONSOLE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/consoles"));
