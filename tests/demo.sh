@@ -101,6 +101,11 @@ for _ in $(seq 30); do
     sleep 1
 done
 in_ns target/release/cellmaster tasks --master 10.77.0.1:7000
+in_ns target/release/cellmaster jobs --master 10.77.0.1:7000
+say "drain node-770002 (cellmaster drain): its replica moves, within the job's budget"
+in_ns target/release/cellmaster drain node-770002 --master 10.77.0.1:7000 --timeout-s 120
+in_ns target/release/cellmaster tasks --master 10.77.0.1:7000
+in_ns target/release/cellmaster uncordon node-770002 --master 10.77.0.1:7000
 node=$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json |
        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["address"])')
 say "tasks on $node, from the image's busybox rootfs"

@@ -11,7 +11,9 @@ use celld_proto::v1::node_client::NodeClient;
 fn spec(id: &str, rootfs: &str, memory: u64, argv: &[&str]) -> pb::TaskSpec {
     pb::TaskSpec {
         id: id.into(),
-        job: "demo".into(),
+        // No job: tasks started on a node by hand. A master that polls this node leaves
+        // them alone (it kills tasks of jobs it does not know).
+        job: String::new(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         rootfs: rootfs.into(),
         resources: Some(pb::Resources {

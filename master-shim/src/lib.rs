@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: `serve --config`: polling settings and nodes listed by hand.
 //! - `jobfile`: job files (TOML) to validated job specs, errors with line and field.
 //! - `scheduler`: pure placement: feasibility, scoring, preemption, why-pending.
 //! - `store`: the master's state behind one trait; SQLite by default.
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod drain;
 pub mod http;

@@ -123,7 +123,9 @@ impl Registry {
             .filter(|p| *p != 0)
             .ok_or_else(|| invalid("grpc_port", "must be 1..=65535"))?;
         let id = identity.hostname.clone();
+        // A node listed in the master's config has no owner until its first registration.
         if let Some(existing) = self.records.get(&id)
+            && !existing.machine_id.is_empty()
             && existing.machine_id != identity.machine_id
         {
             return Err(RegisterError::Impostor {

@@ -12,10 +12,12 @@ mod serve;
 mod show;
 
 pub const USAGE: &str = "usage:
-  cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--state FILE]
+  cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--state FILE] [--config FILE]
                    [--http ADDR --image-dir DIR]
       defaults: 0.0.0.0:7000, 2000 ms, /var/lib/cellmaster/state.db (SQLite),
-      HTTP (iPXE and the image, default 0.0.0.0:7080) only with --image-dir
+      HTTP (iPXE and the image, default 0.0.0.0:7080) only with --image-dir;
+      --config: TOML with poll_interval_ms, down_after, max_in_flight and [[node]]
+      id/address/labels for nodes that do not register themselves
   cellmaster nodes [--json]
   cellmaster jobs [--json]
   cellmaster tasks [--json]

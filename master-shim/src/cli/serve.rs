@@ -6,9 +6,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CliError, CliResult, Flags, failed, usage};
+use crate::config::{self, ListedNode, MasterConfig};
 use crate::poll::PollPolicy;
 use crate::server::{MasterState, serve as serve_master};
-use crate::store::{SqliteStore, Store};
+use crate::store::{NodeRow, SqliteStore, Store, StoreError};
+
+/// A node from the config into the store: its address and labels as listed, the rest as
+/// the store has it (or empty, for a node never seen).
+fn list_node(store: &dyn Store, n: &ListedNode) -> Result<(), StoreError> {
+    match store.update_node(&n.id, &mut |row| {
+        row.address = n.address.clone();
+        row.labels = n.labels.clone();
+    }) {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound { .. }) => store
+            .put_node(&NodeRow {
+                id: n.id.clone(),
+                address: n.address.clone(),
+                labels: n.labels.clone(),
+                ..Default::default()
+            })
+            .map(drop),
+        Err(e) => Err(e),
+    }
+}
 
 pub async fn serve(args: &[String]) -> CliResult {
     let f = Flags::parse(
@@ -19,6 +40,7 @@ pub async fn serve(args: &[String]) -> CliResult {
             "--http",
             "--image-dir",
             "--state",
+            "--config",
         ],
         &[],
     )?;
@@ -32,14 +54,34 @@ pub async fn serve(args: &[String]) -> CliResult {
         SqliteStore::open(&state_file)
             .map_err(|e| failed(format!("--state {}: {e}", state_file.display())))?,
     );
+    let config = match f.get("--config") {
+        None => MasterConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| failed(format!("--config {path}: {e}")))?;
+            config::parse(path, &text).map_err(|e| failed(e.to_string()))?
+        }
+    };
     let listen = f.get("--listen").unwrap_or("0.0.0.0:7000");
-    let interval = f.number("--poll-interval-ms", 50..=600_000, 2000)?;
+    // The flag wins over the file.
+    let interval = f.number(
+        "--poll-interval-ms",
+        50..=600_000,
+        config.poll_interval_ms.unwrap_or(2000),
+    )?;
+    let defaults = PollPolicy::default();
     let policy = PollPolicy {
         interval: Duration::from_millis(interval),
         // Below interval minus the round's spread (half), so a call ends before its next turn.
         timeout: Duration::from_millis((interval * 4 / 10).clamp(20, 5000)),
-        ..Default::default()
+        down_after: config.down_after.unwrap_or(defaults.down_after),
+        max_in_flight: config.max_in_flight.unwrap_or(defaults.max_in_flight),
+        ..defaults
     };
+    for n in &config.nodes {
+        list_node(store.as_ref(), n)
+            .map_err(|e| failed(format!("--config: node {}: {e}", n.id)))?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| failed(format!("--listen {listen}: {e}")))?;
