@@ -33,6 +33,26 @@ fn command_line_mistakes_and_an_absent_master_have_their_own_exit_codes() {
         assert_eq!(code, 2, "{bad:?}: {err}");
         assert!(err.contains("usage:"), "{bad:?}: {err}");
     }
+    // A bad config file stops serve before it listens, naming line and field.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("master.toml");
+    std::fs::write(&config, "[[node]]\nid = \"n1\"\naddress = \"nowhere\"\n").unwrap();
+    let state = dir.path().join("state.db");
+    let (code, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("node.address"),
+        "{err}"
+    );
+
     let port = common::free_port();
     let (code, err) = run(&["nodes", "--master", &format!("127.0.0.1:{port}")]);
     assert_eq!(code, 3, "{err}");

@@ -63,3 +63,33 @@ fn nodes_register_are_polled_and_a_dead_one_goes_down() {
         "Down after {took:?}"
     );
 }
+
+#[test]
+fn a_node_listed_in_the_config_is_polled_without_registering() {
+    let port = common::free_port();
+    let cell_port = port;
+    let mut cell = Cell::with(300, |cell| {
+        let config = cell.dir.path().join("master.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "down_after = 3\n[[node]]\nid = \"listed\"\naddress = \"127.0.0.1:{cell_port}\"\n\
+                 labels = {{ rack = \"r7\" }}\n"
+            ),
+        )
+        .unwrap();
+        cell.serve_args = vec!["--config".into(), config.display().to_string()];
+    });
+    cell.add_node_on("listed", port, false);
+    cell.wait_ready(&["listed"]);
+    let node = cell.json(&["describe", "node", "listed"]);
+    assert_eq!(node["labels"]["rack"], "r7", "{node:#}");
+    let out = cell.submit(
+        "pinned",
+        "[resources]\nmemory = \"8MiB\"\ncpu_millis = 50\n[constraints]\nlabels = { rack = \"r7\" }\n",
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    cell.wait("pinned running on the listed node", 30, || {
+        (cell.tasks()["pinned-0"] == ("running".to_string(), "listed".to_string())).then_some(())
+    });
+}

@@ -86,6 +86,8 @@ pub struct Cell {
     pub master: String,
     pub interval_ms: u64,
     master_proc: Option<Proc>,
+    /// Extra arguments of `cellmaster serve`.
+    pub serve_args: Vec<String>,
     pub nodes: BTreeMap<String, Node>,
     runtime: tokio::runtime::Runtime,
 }
@@ -93,18 +95,25 @@ pub struct Cell {
 impl Cell {
     /// A master polling every `interval_ms`, no nodes yet.
     pub fn new(interval_ms: u64) -> Cell {
+        Self::with(interval_ms, |_| {})
+    }
+
+    /// A master whose `serve` gets what `setup` adds to the cell first (a config file).
+    pub fn with(interval_ms: u64, setup: impl FnOnce(&mut Cell)) -> Cell {
         require_root();
         let mut cell = Cell {
             dir: tempfile::tempdir().unwrap(),
             master: format!("127.0.0.1:{}", free_port()),
             interval_ms,
             master_proc: None,
+            serve_args: Vec::new(),
             nodes: BTreeMap::new(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap(),
         };
+        setup(&mut cell);
         cell.start_master();
         cell
     }
@@ -126,6 +135,7 @@ impl Cell {
                 .arg("--state")
                 .arg(self.state_file())
                 .args(["--poll-interval-ms", &self.interval_ms.to_string()])
+                .args(&self.serve_args)
                 .stderr(log)
                 .spawn()
                 .unwrap(),
@@ -143,14 +153,23 @@ impl Cell {
     }
 
     pub fn add_node(&mut self, name: &str) {
-        let port = free_port();
+        self.add_node_on(name, free_port(), true);
+    }
+
+    /// A node on `port`; with `register`, it is told where the master is.
+    pub fn add_node_on(&mut self, name: &str, port: u16, register: bool) {
         let address = format!("127.0.0.1:{port}");
         let cgroup_parent = format!("celld-mt-{name}-{port}");
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let proc = Proc(
             Command::new(celld())
                 .args(["--listen", &address])
-                .args(["--master", &self.master, "--hostname", name])
+                .args(if register {
+                    vec!["--master", &self.master]
+                } else {
+                    vec![]
+                })
+                .args(["--hostname", name])
                 .args(["--cgroup-parent", &cgroup_parent])
                 .arg("--state-dir")
                 .arg(self.dir.path().join(name))
