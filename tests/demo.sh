@@ -63,7 +63,7 @@ say "cell: dnsmasq (DHCP + iPXE URL), cellmaster on 10.77.0.1:7000 (gRPC) and :7
 ip netns exec $ns dnsmasq --no-daemon --conf-file=/dev/null --interface=br0 --bind-interfaces --no-ping \
     --port=0 --dhcp-range=10.77.0.100,10.77.0.150,12h --dhcp-boot=http://10.77.0.1:7080/ipxe \
     --dhcp-leasefile=$demo/leases 2>$demo/dnsmasq.log & pids+=($!)
-rm -f $demo/state.db*
+rm -rf $demo/state.db* $demo/images $demo/master-signing.key
 ip netns exec $ns target/release/cellmaster serve --listen 10.77.0.1:7000 --http 10.77.0.1:7080 \
     --image-dir $demo/image --poll-interval-ms 1000 --state $demo/state.db \
     2>$demo/cellmaster.log & pids+=($!)

@@ -31,6 +31,16 @@ pub fn resources(r: Option<pb::Resources>) -> Resources {
     }
 }
 
+/// A MAC as `aa:bb:cc:dd:ee:ff` from colons or hyphens in any case; None if it is not one.
+pub fn normal_mac(mac: &str) -> Option<String> {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then(|| parts.join(":").to_ascii_lowercase())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
     #[error(transparent)]
@@ -56,6 +66,7 @@ pub async fn register(
         n.boot_id = req.boot_id.clone();
         n.image_version = req.image_version.clone();
         n.allocatable = resources(req.allocatable);
+        n.macs = identity.macs.iter().filter_map(|m| normal_mac(m)).collect();
     };
     match state.store.update_node(&reg.id, &mut |n| update(n)) {
         Ok(_) => {}

@@ -1,31 +1,67 @@
-//! The master's HTTP side (default port 7080): the iPXE script a PXE-booting machine
+//! The master's HTTP side (default port 7080): the iPXE scripts a PXE-booting machine
 //! chains to, and the image artifacts it then fetches. GET only, small, and strict about
-//! what it serves: names of the image directory's artifacts, nothing else.
+//! what it serves: the files of stored image versions, nothing else.
+//!
+//! - `/ipxe`: chains to `/ipxe?mac=${net0/mac:hexhyp}`, so iPXE says which machine it is;
+//! - `/ipxe?mac=aa-bb-..`: boots the version assigned to that machine (its node's
+//!   `boot_version`), or the default version for a machine the master does not know;
+//! - `/images/<version>/<file>`: manifest.json, manifest.sig, vmlinuz, initramfs.cpio.gz;
+//! - `/images/<file>`: the default version's file.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The files of a `cellimg build` output that may be fetched.
-const ARTIFACTS: &[&str] = &["vmlinuz", "initramfs.cpio.gz", "manifest.json"];
+use crate::control::normal_mac;
+use crate::images::ImageStore;
+use crate::store::Store;
+
 const MAX_REQUEST: usize = 8 * 1024;
 
 pub struct BootServer {
-    /// A `cellimg build` output directory.
-    pub image_dir: PathBuf,
+    pub images: Arc<ImageStore>,
+    /// Nodes, to find a machine by MAC.
+    pub store: Arc<dyn Store>,
     /// gRPC port of the master, put on the booted node's command line.
     pub grpc_port: u16,
 }
 
-/// The iPXE script for a machine; `host` is the address it reached us on.
-pub fn ipxe_script(host: &str, http_port: u16, grpc_port: u16, cmdline: &str) -> String {
+/// Where a booted node finds its master and the key it trusts images from.
+pub struct MasterRef<'a> {
+    pub host: &'a str,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub key_hex: &'a str,
+}
+
+impl MasterRef<'_> {
+    /// The kernel command line of `version`: the image's own plus the master's.
+    pub fn cmdline(&self, image_cmdline: &str) -> String {
+        format!(
+            "{image_cmdline} celld.master={}:{} celld.master_key={}",
+            self.host, self.grpc_port, self.key_hex
+        )
+    }
+
+    pub fn artifact_url(&self, version: &str, name: &str) -> String {
+        format!(
+            "http://{}:{}/images/{version}/{name}",
+            self.host, self.http_port
+        )
+    }
+}
+
+/// The iPXE script that boots `version` with `cmdline`.
+pub fn ipxe_script(m: &MasterRef, version: &str, image_cmdline: &str) -> String {
     format!(
         "#!ipxe\n\
-         kernel http://{host}:{http_port}/images/vmlinuz initrd=initrd {cmdline} celld.master={host}:{grpc_port}\n\
-         initrd --name initrd http://{host}:{http_port}/images/initramfs.cpio.gz\n\
-         boot\n"
+         kernel {} initrd=initrd {}\n\
+         initrd --name initrd {}\n\
+         boot\n",
+        m.artifact_url(version, "vmlinuz"),
+        m.cmdline(image_cmdline),
+        m.artifact_url(version, "initramfs.cpio.gz"),
     )
 }
 
@@ -38,12 +74,18 @@ pub fn request_path(head: &str) -> Option<&str> {
 }
 
 impl BootServer {
-    fn cmdline(&self) -> String {
-        std::fs::read(self.image_dir.join("manifest.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|m| m["kernel_cmdline"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "console=ttyS0".into())
+    /// The version a machine with `mac` boots.
+    fn version_for(&self, mac: &str) -> Option<String> {
+        let mac = normal_mac(mac)?;
+        let assigned = self
+            .store
+            .list_nodes()
+            .ok()?
+            .into_iter()
+            .find(|n| n.macs.contains(&mac))
+            .map(|n| n.boot_version)
+            .filter(|v| !v.is_empty() && self.images.get(v).is_ok());
+        assigned.or_else(|| self.images.default_version())
     }
 
     async fn answer(&self, stream: &mut TcpStream) -> std::io::Result<()> {
@@ -63,22 +105,50 @@ impl BootServer {
         let Some(path) = request_path(&head) else {
             return respond(stream, 400, "text/plain", b"GET only\n").await;
         };
-        let route = path.split('?').next().unwrap_or("");
+        let (route, query) = path.split_once('?').unwrap_or((path, ""));
+        let local = stream.local_addr()?;
+        let host = local.ip().to_string();
+        let key = self.images.public_key_hex();
+        let master = MasterRef {
+            host: &host,
+            http_port: local.port(),
+            grpc_port: self.grpc_port,
+            key_hex: &key,
+        };
         if route == "/ipxe" {
-            let host = stream.local_addr()?.ip().to_string();
-            let port = stream.local_addr()?.port();
-            let script = ipxe_script(&host, port, self.grpc_port, &self.cmdline());
+            let mac = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("mac="))
+                .unwrap_or("");
+            if mac.is_empty() {
+                let script = format!(
+                    "#!ipxe\nchain http://{host}:{}/ipxe?mac=${{net0/mac:hexhyp}}\n",
+                    local.port()
+                );
+                return respond(stream, 200, "text/plain", script.as_bytes()).await;
+            }
+            let Some(image) = self.version_for(mac).and_then(|v| self.images.get(&v).ok()) else {
+                return respond(stream, 404, "text/plain", b"no image to boot\n").await;
+            };
+            tracing::info!(%mac, version = %image.version, "PXE boot");
+            let script = ipxe_script(&master, &image.version, &image.kernel_cmdline);
             return respond(stream, 200, "text/plain", script.as_bytes()).await;
         }
-        if let Some(name) = route.strip_prefix("/images/")
-            && ARTIFACTS.contains(&name)
-        {
-            return match tokio::fs::read(self.image_dir.join(name)).await {
+        let file = match route.strip_prefix("/images/").map(|r| r.split_once('/')) {
+            Some(Some((version, name))) => self.images.artifact(version, name),
+            Some(None) => self
+                .images
+                .default_version()
+                .and_then(|v| self.images.artifact(&v, &route["/images/".len()..])),
+            None => None,
+        };
+        match file {
+            Some(path) => match tokio::fs::read(path).await {
                 Ok(body) => respond(stream, 200, "application/octet-stream", &body).await,
                 Err(_) => respond(stream, 404, "text/plain", b"no such artifact\n").await,
-            };
+            },
+            None => respond(stream, 404, "text/plain", b"not found\n").await,
         }
-        respond(stream, 404, "text/plain", b"not found\n").await
     }
 }
 
@@ -140,26 +210,56 @@ mod tests {
 
     #[test]
     fn the_script_points_back_at_the_master() {
-        let s = ipxe_script(
-            "10.0.0.1",
-            7080,
-            7000,
-            "console=ttyS0 celld.image_version=v1",
-        );
+        let m = MasterRef {
+            host: "10.0.0.1",
+            http_port: 7080,
+            grpc_port: 7000,
+            key_hex: "ab12",
+        };
+        let s = ipxe_script(&m, "v1", "console=ttyS0 celld.image_version=v1");
         assert!(s.starts_with("#!ipxe\n"));
-        assert!(s.contains("kernel http://10.0.0.1:7080/images/vmlinuz initrd=initrd console=ttyS0 celld.image_version=v1 celld.master=10.0.0.1:7000"));
-        assert!(s.contains("initrd --name initrd http://10.0.0.1:7080/images/initramfs.cpio.gz"));
+        assert!(s.contains("kernel http://10.0.0.1:7080/images/v1/vmlinuz initrd=initrd console=ttyS0 celld.image_version=v1 celld.master=10.0.0.1:7000 celld.master_key=ab12"), "{s}");
+        assert!(
+            s.contains("initrd --name initrd http://10.0.0.1:7080/images/v1/initramfs.cpio.gz")
+        );
     }
 
     #[tokio::test]
-    async fn artifacts_are_served_and_nothing_else() {
+    async fn artifacts_are_served_and_machines_boot_their_version() {
+        use crate::images::sha256_hex;
+        use crate::store::{NodeRow, SqliteStore};
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vmlinuz"), b"KERNEL").unwrap();
-        std::fs::write(dir.path().join("secret"), b"no").unwrap();
+        let images = Arc::new(ImageStore::open(dir.path()).unwrap());
+        for v in ["v1", "v2"] {
+            let (k, i) = (format!("KERNEL-{v}"), format!("INITRAMFS-{v}"));
+            let manifest = serde_json::json!({"version": v, "kernel_cmdline": format!("c={v}"),
+                "artifacts": {"vmlinuz": {"sha256": sha256_hex(k.as_bytes()), "size": k.len()},
+                "initramfs.cpio.gz": {"sha256": sha256_hex(i.as_bytes()), "size": i.len()}}});
+            images
+                .add(&[
+                    (
+                        "manifest.json".into(),
+                        serde_json::to_vec(&manifest).unwrap(),
+                    ),
+                    ("vmlinuz".into(), k.into_bytes()),
+                    ("initramfs.cpio.gz".into(), i.into_bytes()),
+                ])
+                .unwrap();
+        }
+        let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        store
+            .put_node(&NodeRow {
+                id: "n2".into(),
+                macs: vec!["52:54:00:00:00:02".into()],
+                boot_version: "v2".into(),
+                ..Default::default()
+            })
+            .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Arc::new(BootServer {
-            image_dir: dir.path().into(),
+            images,
+            store,
             grpc_port: 7000,
         });
         tokio::spawn(serve_http(listener, server));
@@ -172,18 +272,34 @@ mod tests {
             s.read_to_string(&mut out).await.unwrap();
             out
         };
-        let k = get("/images/vmlinuz").await;
+        let k = get("/images/v2/vmlinuz").await;
         assert!(
-            k.starts_with("HTTP/1.1 200") && k.ends_with("KERNEL"),
+            k.starts_with("HTTP/1.1 200") && k.ends_with("KERNEL-v2"),
             "{k}"
         );
-        assert!(get("/images/secret").await.starts_with("HTTP/1.1 404"));
+        // The default's files without a version.
+        assert!(get("/images/vmlinuz").await.ends_with("KERNEL-v1"));
+        assert!(get("/images/v1/secret").await.starts_with("HTTP/1.1 404"));
+        assert!(get("/images/../state.db").await.starts_with("HTTP/1.1 404"));
         assert!(
-            get("/images/../Cargo.toml")
+            get("/images/v1/../../state.db")
                 .await
                 .starts_with("HTTP/1.1 404")
         );
-        let script = get("/ipxe?mac=52:54:00:00:00:01").await;
-        assert!(script.contains("celld.master=127.0.0.1:7000"), "{script}");
+        assert!(get("/images/v3/vmlinuz").await.starts_with("HTTP/1.1 404"));
+        let chain = get("/ipxe").await;
+        assert!(chain.contains("/ipxe?mac=${net0/mac:hexhyp}"), "{chain}");
+        // A known machine boots its version, an unknown one the default.
+        let script = get("/ipxe?mac=52-54-00-00-00-02").await;
+        assert!(
+            script.contains("/images/v2/vmlinuz") && script.contains("c=v2"),
+            "{script}"
+        );
+        assert!(
+            script.contains("celld.master=127.0.0.1:7000 celld.master_key="),
+            "{script}"
+        );
+        let script = get("/ipxe?mac=52-54-00-00-00-09").await;
+        assert!(script.contains("/images/v1/vmlinuz"), "{script}");
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod drain;
 pub mod http;
+pub mod images;
 pub mod jobfile;
 pub mod nodes;
 pub mod placement;

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::api::MasterApi;
+use crate::images::ImageStore;
 use crate::nodes::NodeCalls;
 use crate::poll::{Change, Fleet, GrpcSource, PollPolicy, Poller};
 use crate::registry::Registry;
@@ -38,6 +39,8 @@ pub struct MasterState {
     /// interval until the node answers.
     pub pending_kills: Mutex<BTreeMap<(String, String), u32>>,
     pub calls: NodeCalls,
+    /// Node images by version, signed with the master's key.
+    pub images: Arc<ImageStore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,7 +51,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MasterState {
     /// The master's state, with the nodes the store remembers (polled again from New).
-    pub fn new(policy: PollPolicy, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    pub fn new(
+        policy: PollPolicy,
+        store: Arc<dyn Store>,
+        images: Arc<ImageStore>,
+    ) -> Result<Arc<Self>, StoreError> {
         let fleet = Fleet::default();
         let mut registry = Registry::default();
         registry.load(&fleet, &store.list_nodes()?);
@@ -62,6 +69,7 @@ impl MasterState {
             placed_at: Mutex::default(),
             pending_kills: Mutex::default(),
             calls: NodeCalls::default(),
+            images,
         }))
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{CliError, CliResult, Flags, failed, usage};
 use crate::config::{self, ListedNode, MasterConfig};
+use crate::images::{BOOT_ARTIFACTS, ImageError, ImageStore};
 use crate::poll::PollPolicy;
 use crate::server::{MasterState, serve as serve_master};
 use crate::store::{NodeRow, SqliteStore, Store, StoreError};
@@ -88,27 +89,33 @@ pub async fn serve(args: &[String]) -> CliResult {
     let local = listener
         .local_addr()
         .map_err(|e| failed(format!("--listen {listen}: {e}")))?;
+    let state_dir = state_file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let images = Arc::new(ImageStore::open(state_dir).map_err(|e| {
+        failed(format!(
+            "images beside --state {}: {e}",
+            state_file.display()
+        ))
+    })?);
     if let Some(image_dir) = f.get("--image-dir") {
-        let dir = PathBuf::from(image_dir);
-        if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio.gz").is_file() {
-            return Err(usage(format!(
-                "--image-dir {image_dir}: not a cellimg output (no vmlinuz, initramfs.cpio.gz)"
-            )));
-        }
+        import_image(&images, std::path::Path::new(image_dir))?;
+    }
+    if f.has("--http") || f.has("--image-dir") {
         let http = f.get("--http").unwrap_or("0.0.0.0:7080");
         let http_listener = tokio::net::TcpListener::bind(http)
             .await
             .map_err(|e| failed(format!("--http {http}: {e}")))?;
-        tracing::info!(addr = %http, image = image_dir, "serving iPXE and the image");
+        tracing::info!(addr = %http, default_image = ?images.default_version(), "serving iPXE and images");
         let boot = Arc::new(crate::http::BootServer {
-            image_dir: dir,
+            images: images.clone(),
+            store: store.clone(),
             grpc_port: local.port(),
         });
         tokio::spawn(crate::http::serve_http(http_listener, boot));
-    } else if f.has("--http") {
-        return Err(usage("--http needs --image-dir (the artifacts it serves)"));
     }
-    let state = MasterState::new(policy, store)
+    let state = MasterState::new(policy, store, images)
         .map_err(|e| failed(format!("--state {}: {e}", state_file.display())))?;
     tracing::info!(addr = %local, nodes = state.registry().records.len(), "cellmaster serving");
     let shutdown = async {
@@ -120,4 +127,37 @@ pub async fn serve(args: &[String]) -> CliResult {
             exit: super::Exit::Failed,
             message: format!("serving: {e}"),
         })
+}
+
+/// `--image-dir`: a `cellimg build` output added to the image store at start (kept if
+/// the same version is there already, refused if that version has other contents).
+fn import_image(images: &ImageStore, dir: &std::path::Path) -> CliResult {
+    let mut files = Vec::new();
+    for name in ["manifest.json"].into_iter().chain(BOOT_ARTIFACTS) {
+        let body = std::fs::read(dir.join(name)).map_err(|e| {
+            usage(format!(
+                "--image-dir {}: {name}: {e} (not a cellimg output?)",
+                dir.display()
+            ))
+        })?;
+        files.push((name.to_string(), body));
+    }
+    match images.add(&files) {
+        Ok(image) => {
+            tracing::info!(version = %image.version, "image from --image-dir added");
+            Ok(())
+        }
+        Err(ImageError::Exists(v)) => match images.get(&v) {
+            Ok(stored) if stored.manifest == files[0].1 => {
+                tracing::info!(version = %v, "image from --image-dir is stored already");
+                Ok(())
+            }
+            _ => Err(failed(format!(
+                "--image-dir {}: version {v} is stored with other contents; build the new \
+                 image with a new version",
+                dir.display()
+            ))),
+        },
+        Err(e) => Err(failed(format!("--image-dir {}: {e}", dir.display()))),
+    }
 }

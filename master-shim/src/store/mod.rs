@@ -74,6 +74,10 @@ pub struct NodeRow {
     pub allocatable: Resources,
     /// Unix ms of the last reply; 0 for never.
     pub last_seen_ms: u64,
+    /// Its network cards, lowercase `aa:bb:..`: how a PXE-booting machine is recognised.
+    pub macs: Vec<String>,
+    /// The image version it boots by PXE; empty for the master's default.
+    pub boot_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

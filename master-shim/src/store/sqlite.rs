@@ -14,7 +14,7 @@ use super::{JobRow, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, Ta
 use crate::jobfile::Resources;
 
 /// `PRAGMA user_version` of the schema below. A new version adds a step to `migrate`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -66,10 +66,18 @@ ALTER TABLE nodes ADD COLUMN machine_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 3: a node's network cards (PXE recognises machines by MAC) and the image it
+/// boots; rollouts of images over the fleet.
+const SCHEMA_V3: &str = "
+ALTER TABLE nodes ADD COLUMN macs TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN boot_version TEXT NOT NULL DEFAULT '';
+";
+
 const TASK_COLUMNS: &str = "id, job, replica, node, state, reason, priority, memory_bytes, \
                             cpu_millis, pids_max, attempt";
 const NODE_COLUMNS: &str = "id, address, labels, state, cordoned, boot_id, image_version, \
-                            memory_bytes, cpu_millis, pids_max, last_seen_ms, machine_id";
+                            memory_bytes, cpu_millis, pids_max, last_seen_ms, machine_id, \
+                            macs, boot_version";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -183,7 +191,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     // Each step and its version number in one transaction, so a crash leaves the file at
     // the last whole step, which the next open continues from.
-    let steps: [(i64, &str); 2] = [(1, SCHEMA_V1), (2, SCHEMA_V2)];
+    let steps: [(i64, &str); 3] = [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
     for (to, script) in steps {
         if version >= to {
             continue;
@@ -225,6 +233,13 @@ fn node_from_row(r: &Row) -> rusqlite::Result<Result<NodeRow, StoreError>> {
             }));
         }
     };
+    let macs: String = r.get(12)?;
+    let Ok(macs) = serde_json::from_str::<Vec<String>>(&macs) else {
+        return Ok(Err(StoreError::Corrupt {
+            what: "nodes.macs",
+            value: macs,
+        }));
+    };
     Ok(Ok(NodeRow {
         id: r.get(0)?,
         address: r.get(1)?,
@@ -240,6 +255,8 @@ fn node_from_row(r: &Row) -> rusqlite::Result<Result<NodeRow, StoreError>> {
         },
         last_seen_ms: from_sql(r.get(10)?),
         machine_id: r.get(11)?,
+        macs,
+        boot_version: r.get(13)?,
     }))
 }
 
@@ -339,8 +356,12 @@ fn write_node(tx: &Transaction, n: &NodeRow, rev: Revision) -> Result<(), StoreE
     })?;
     let q = format!(
         "INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}, revision) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
     );
+    let macs = serde_json::to_string(&n.macs).map_err(|source| StoreError::Json {
+        job: format!("(macs of node {})", n.id),
+        source,
+    })?;
     let a = &n.allocatable;
     tx.prepare_cached(&q)
         .and_then(|mut s| {
@@ -357,6 +378,8 @@ fn write_node(tx: &Transaction, n: &NodeRow, rev: Revision) -> Result<(), StoreE
                 to_sql(a.pids_max),
                 to_sql(n.last_seen_ms),
                 n.machine_id,
+                macs,
+                n.boot_version,
                 to_sql(rev),
             ])
         })

@@ -34,6 +34,8 @@ fn node(id: &str) -> NodeRow {
         allocatable: Resources::new(8 << 30, 4000),
         last_seen_ms: 1_700_000_000_500,
         machine_id: format!("machine-{id}"),
+        macs: vec!["52:54:00:00:00:01".into()],
+        boot_version: "v1".into(),
     }
 }
 
@@ -221,7 +223,7 @@ fn a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 2
+                supported: 3
             }
         ),
         "{e}"
