@@ -265,3 +265,89 @@ pub async fn set_cordon(
     tracing::info!(%node, cordoned, "cordon changed");
     Ok(pb::SetCordonResponse { cordoned })
 }
+
+fn image_summary(state: &MasterState, image: &crate::images::Image) -> pb::ImageSummary {
+    let nodes = state
+        .registry()
+        .records
+        .values()
+        .filter(|r| r.image_version == image.version)
+        .count() as u32;
+    pb::ImageSummary {
+        version: image.version.clone(),
+        boot_bytes: image.boot_bytes,
+        is_default: state.images.default_version().as_deref() == Some(image.version.as_str()),
+        kernel_cmdline: image.kernel_cmdline.clone(),
+        nodes,
+    }
+}
+
+/// An image upload: files in chunks, checked and stored whole or not at all.
+pub async fn add_image(
+    state: &Arc<MasterState>,
+    mut chunks: tonic::Streaming<pb::ImageChunk>,
+) -> Result<pb::AddImageResponse, Status> {
+    use crate::images::{ImageError, MAX_ARTIFACT_BYTES};
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut make_default = false;
+    while let Some(c) = chunks.message().await? {
+        make_default |= c.make_default;
+        if !["manifest.json", "vmlinuz", "initramfs.cpio.gz"].contains(&c.file.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "file: {:?} is not part of an image (manifest.json, vmlinuz, initramfs.cpio.gz)",
+                c.file
+            )));
+        }
+        let continues = files.last().is_some_and(|(n, _)| *n == c.file);
+        let seen = files.iter().any(|(n, _)| *n == c.file);
+        match files.last_mut() {
+            Some((_, body)) if continues => body.extend_from_slice(&c.data),
+            _ if seen => {
+                return Err(Status::invalid_argument(format!(
+                    "file: {} sent twice (send each file's chunks together)",
+                    c.file
+                )));
+            }
+            _ => files.push((c.file.clone(), c.data)),
+        }
+        if files
+            .iter()
+            .any(|(_, b)| b.len() as u64 > MAX_ARTIFACT_BYTES)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "file {}: over the {} MiB an artifact may have",
+                c.file,
+                MAX_ARTIFACT_BYTES >> 20
+            )));
+        }
+    }
+    let images = state.images.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        let image = images.add(&files)?;
+        if make_default {
+            images.set_default(&image.version)?;
+        }
+        Ok::<_, ImageError>(image)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .map_err(|e| match e {
+        ImageError::Invalid(m) => Status::invalid_argument(m),
+        ImageError::Exists(v) => Status::already_exists(format!("image {v} exists already")),
+        e => Status::internal(e.to_string()),
+    })?;
+    Ok(pb::AddImageResponse {
+        image: Some(image_summary(state, &added)),
+    })
+}
+
+pub fn list_images(state: &MasterState) -> Result<pb::ListImagesResponse, Status> {
+    let images = state
+        .images
+        .list()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(pb::ListImagesResponse {
+        images: images.iter().map(|i| image_summary(state, i)).collect(),
+        master_key: state.images.public_key_hex(),
+    })
+}

@@ -212,4 +212,55 @@ impl Master for MasterApi {
             .await?;
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn add_image(
+        &self,
+        req: Request<tonic::Streaming<pb::ImageChunk>>,
+    ) -> Result<Response<pb::AddImageResponse>, Status> {
+        admin::add_image(&self.state, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_images(
+        &self,
+        _req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        admin::list_images(&self.state).map(Response::new)
+    }
+
+    async fn start_rollout(
+        &self,
+        req: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let r = req.into_inner();
+        crate::images::check_version(&r.to_version)
+            .map_err(|e| Status::invalid_argument(format!("to_version: {e}")))?;
+        let _control = self.state.control.lock().await;
+        crate::rollout::start(&self.state, r).map(|r| Response::new(crate::rollout::to_pb(&r)))
+    }
+
+    async fn get_rollout(
+        &self,
+        _req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let r = self
+            .state
+            .store
+            .last_rollout()
+            .map_err(admin::internal)?
+            .ok_or_else(|| Status::not_found("there is no rollout"))?;
+        Ok(Response::new(crate::rollout::to_pb(&r)))
+    }
+
+    async fn control_rollout(
+        &self,
+        req: Request<pb::ControlRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let action = pb::control_rollout_request::Action::try_from(req.into_inner().action)
+            .unwrap_or(pb::control_rollout_request::Action::Unspecified);
+        let _control = self.state.control.lock().await;
+        crate::rollout::control(&self.state, action)
+            .map(|r| Response::new(crate::rollout::to_pb(&r)))
+    }
 }

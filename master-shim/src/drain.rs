@@ -76,6 +76,104 @@ pub async fn drain(
     }
 }
 
+/// What a drain remembers between steps (the rollout keeps it in its store row).
+#[derive(Debug, Default, Clone)]
+pub struct DrainMemory {
+    /// Tasks this drain evicted.
+    pub evicted: BTreeSet<String>,
+    /// The evicted attempts as they run on the node, until the node says they ended.
+    pub stopping: BTreeSet<String>,
+}
+
+/// Where a drain stands after a step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// The master's tasks still on the node.
+    pub remaining: usize,
+    /// Evicted tasks not yet running elsewhere.
+    pub waiting: usize,
+    pub message: String,
+    pub done: bool,
+}
+
+/// One step of draining `node` (already cordoned): evicts what the budgets allow now
+/// and says how far the drain is.
+pub async fn drain_step(
+    state: &Arc<MasterState>,
+    node: &str,
+    grace_ms: u32,
+    mem: &mut DrainMemory,
+) -> Result<StepReport, StoreError> {
+    let (remaining, waiting, message) = {
+        let _control = state.control.lock().await;
+        let (tasks, jobs) = read(state)?;
+        let s = step(node, &tasks, &jobs);
+        let mut message = Vec::new();
+        for id in &s.evict {
+            let Some(t) = tasks.iter().find(|t| &t.id == id) else {
+                continue;
+            };
+            let grace = if grace_ms > 0 {
+                grace_ms
+            } else {
+                jobs.get(&t.job).map_or(0, |j| j.kill_grace_ms)
+            };
+            state.store.set_task_state(
+                id,
+                TaskState::Evicted,
+                &format!("evicted by a drain of {node}"),
+            )?;
+            state.kill_on_node(node, &t.node_task_id(), grace).await;
+            mem.stopping.insert(t.node_task_id());
+            mem.evicted.insert(id.clone());
+            message.push(format!("evicted {id}"));
+        }
+        for (job, (down, budget)) in &s.blocked {
+            message.push(format!(
+                "job {job}: {down} replica(s) unavailable, budget {budget}: waiting"
+            ));
+        }
+        let remaining = tasks
+            .iter()
+            .filter(|t| t.node.as_deref() == Some(node) && t.state.is_on_node())
+            .count()
+            - s.evict.len();
+        let waiting: Vec<&TaskRow> = tasks
+            .iter()
+            .filter(|t| {
+                // Those evicted just now still read as running in `tasks`.
+                s.evict.contains(&t.id) || (mem.evicted.contains(&t.id) && unavailable(t.state))
+            })
+            .collect();
+        if message.is_empty() && !waiting.is_empty() {
+            let names: Vec<&str> = waiting.iter().map(|t| t.id.as_str()).collect();
+            message.push(format!("waiting for {} to run elsewhere", names.join(", ")));
+        }
+        (remaining, waiting.len(), message.join("; "))
+    };
+    let mut message = message;
+    if remaining == 0 && waiting == 0 && !mem.stopping.is_empty() {
+        mem.stopping = still_running(state, node, std::mem::take(&mut mem.stopping)).await;
+        if !mem.stopping.is_empty() {
+            let names: Vec<&str> = mem.stopping.iter().map(String::as_str).collect();
+            message = format!("waiting for {} to stop on {node}", names.join(", "));
+        }
+    }
+    let done = remaining == 0 && waiting == 0 && mem.stopping.is_empty();
+    if done {
+        message = format!(
+            "{node} drained: {} task(s) evicted, all running elsewhere",
+            mem.evicted.len()
+        );
+    }
+    Ok(StepReport {
+        remaining,
+        waiting,
+        message,
+        done,
+    })
+}
+
 async fn run(
     state: &Arc<MasterState>,
     r: &pb::DrainNodeRequest,
@@ -89,100 +187,36 @@ async fn run(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let pause = (state.policy.interval / 2).max(Duration::from_millis(100));
-    let mut evicted: BTreeSet<String> = BTreeSet::new();
-    // The evicted attempts as they run on the node, until the node says they ended.
-    let mut stopping: BTreeSet<String> = BTreeSet::new();
+    let mut mem = DrainMemory::default();
     let mut last = String::new();
     loop {
-        let (remaining, waiting, message) = {
-            let _control = state.control.lock().await;
-            let (tasks, jobs) = read(state).map_err(internal)?;
-            let s = step(node, &tasks, &jobs);
-            let mut message = Vec::new();
-            for id in &s.evict {
-                let Some(t) = tasks.iter().find(|t| &t.id == id) else {
-                    continue;
-                };
-                let grace = if r.grace_ms > 0 {
-                    r.grace_ms
-                } else {
-                    jobs.get(&t.job).map_or(0, |j| j.kill_grace_ms)
-                };
-                state
-                    .store
-                    .set_task_state(
-                        id,
-                        TaskState::Evicted,
-                        &format!("evicted by a drain of {node}"),
-                    )
-                    .map_err(internal)?;
-                state.kill_on_node(node, &t.node_task_id(), grace).await;
-                stopping.insert(t.node_task_id());
-                evicted.insert(id.clone());
-                message.push(format!("evicted {id}"));
-            }
-            for (job, (down, budget)) in &s.blocked {
-                message.push(format!(
-                    "job {job}: {down} replica(s) unavailable, budget {budget}: waiting"
-                ));
-            }
-            let remaining = tasks
-                .iter()
-                .filter(|t| t.node.as_deref() == Some(node) && t.state.is_on_node())
-                .count()
-                - s.evict.len();
-            let waiting: Vec<&TaskRow> = tasks
-                .iter()
-                .filter(|t| {
-                    // Those evicted just now still read as running in `tasks`.
-                    s.evict.contains(&t.id) || (evicted.contains(&t.id) && unavailable(t.state))
-                })
-                .collect();
-            if message.is_empty() && !waiting.is_empty() {
-                let names: Vec<&str> = waiting.iter().map(|t| t.id.as_str()).collect();
-                message.push(format!("waiting for {} to run elsewhere", names.join(", ")));
-            }
-            (remaining, waiting.len(), message.join("; "))
-        };
-        let mut message = message;
-        if remaining == 0 && waiting == 0 && !stopping.is_empty() {
-            stopping = still_running(state, node, stopping).await;
-            if !stopping.is_empty() {
-                let names: Vec<&str> = stopping.iter().map(String::as_str).collect();
-                message = format!("waiting for {} to stop on {node}", names.join(", "));
-            }
-        }
-        let done = remaining == 0 && waiting == 0 && stopping.is_empty();
-        let message = if done {
-            format!(
-                "{node} drained: {} task(s) evicted, all running elsewhere",
-                evicted.len()
-            )
-        } else {
-            message
-        };
-        if message != last || done {
+        let report = drain_step(state, node, r.grace_ms, &mut mem)
+            .await
+            .map_err(internal)?;
+        if report.message != last || report.done {
             let progress = pb::DrainProgress {
-                message: message.clone(),
-                evicted: evicted.iter().cloned().collect(),
-                remaining: remaining as u32,
-                waiting: waiting as u32,
-                done,
+                message: report.message.clone(),
+                evicted: mem.evicted.iter().cloned().collect(),
+                remaining: report.remaining as u32,
+                waiting: report.waiting as u32,
+                done: report.done,
             };
             if tx.send(Ok(progress)).await.is_err() {
                 tracing::info!(%node, "drain abandoned by its caller; the node stays cordoned");
                 return Ok(());
             }
-            last = message;
+            last = report.message;
         }
-        if done {
+        if report.done {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Status::deadline_exceeded(format!(
-                "drain of {node} timed out after {} s with {remaining} task(s) on it and \
-                 {waiting} evicted task(s) not running elsewhere; the node stays cordoned",
-                timeout.as_secs()
+                "drain of {node} timed out after {} s with {} task(s) on it and \
+                 {} evicted task(s) not running elsewhere; the node stays cordoned",
+                timeout.as_secs(),
+                report.remaining,
+                report.waiting
             )));
         }
         tokio::time::sleep(pause).await;

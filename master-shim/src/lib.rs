@@ -14,6 +14,7 @@
 //! - [`reconcile`]: pure rules matching a node's tasks against the store's.
 //! - [`placement`]: the loop that schedules pending tasks and starts them on nodes.
 //! - [`nodes`]: calls from the master to nodes.
+//! - [`images`]: node images by version, signed; [`rollout`]: reimaging the fleet.
 //! - [`http`]: iPXE scripts and image artifacts for machines that PXE-boot.
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod placement;
 pub mod poll;
 pub mod reconcile;
 pub mod registry;
+pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod store;

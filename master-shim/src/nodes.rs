@@ -87,6 +87,23 @@ impl NodeCalls {
             .ok_or_else(|| format!("the node has no task {id}"))
     }
 
+    /// Asks the node to reimage; Ok is its message. `limit` bounds the whole call (the
+    /// node downloads and checks the image before it answers).
+    pub async fn reimage(
+        &self,
+        address: &str,
+        req: pb::ReimageRequest,
+        limit: Duration,
+    ) -> Result<String, String> {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(limit);
+        self.client(address)?
+            .reimage(r)
+            .await
+            .map(|r| r.into_inner().message)
+            .map_err(describe)
+    }
+
     /// A task's log stream. Followed streams run as long as the node keeps them open, so
     /// only the first answer is bounded by the call timeout.
     pub async fn logs(

@@ -41,6 +41,27 @@ pub struct MasterState {
     pub calls: NodeCalls,
     /// Node images by version, signed with the master's key.
     pub images: Arc<ImageStore>,
+    /// How nodes reach this master's HTTP and gRPC; None when it serves no images.
+    pub advertise: Option<Advertise>,
+}
+
+/// The master as nodes reach it.
+#[derive(Debug, Clone)]
+pub struct Advertise {
+    pub host: String,
+    pub http_port: u16,
+    pub grpc_port: u16,
+}
+
+impl Advertise {
+    pub fn master_ref<'a>(&'a self, key_hex: &'a str) -> crate::http::MasterRef<'a> {
+        crate::http::MasterRef {
+            host: &self.host,
+            http_port: self.http_port,
+            grpc_port: self.grpc_port,
+            key_hex,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,6 +76,7 @@ impl MasterState {
         policy: PollPolicy,
         store: Arc<dyn Store>,
         images: Arc<ImageStore>,
+        advertise: Option<Advertise>,
     ) -> Result<Arc<Self>, StoreError> {
         let fleet = Fleet::default();
         let mut registry = Registry::default();
@@ -70,6 +92,7 @@ impl MasterState {
             pending_kills: Mutex::default(),
             calls: NodeCalls::default(),
             images,
+            advertise,
         }))
     }
 
@@ -167,6 +190,9 @@ pub async fn serve(
         loop {
             tick.tick().await;
             placing_state.retry_kills().await;
+            if let Err(e) = crate::rollout::tick(&placing_state).await {
+                tracing::error!(error = %e, "rollout step failed");
+            }
             match crate::placement::place_pending(&placing_state).await {
                 Ok(waiting) => *placing_state.pending_reasons() = waiting,
                 Err(e) => tracing::error!(error = %e, "placement pass failed"),

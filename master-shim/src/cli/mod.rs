@@ -8,14 +8,17 @@ use celld_proto::v1 as pb;
 use celld_proto::v1::master_client::MasterClient;
 use tonic::transport::Channel;
 
+mod fleet;
 mod serve;
 mod show;
 
 pub const USAGE: &str = "usage:
   cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--state FILE] [--config FILE]
-                   [--http ADDR --image-dir DIR]
+                   [--http ADDR [--advertise HOST]] [--image-dir DIR]
       defaults: 0.0.0.0:7000, 2000 ms, /var/lib/cellmaster/state.db (SQLite),
-      HTTP (iPXE and the image, default 0.0.0.0:7080) only with --image-dir;
+      HTTP (iPXE and images, default 0.0.0.0:7080) with --http or --image-dir (a
+      cellimg output added to the images at start); --advertise: the host nodes reach
+      the master on, when it listens on every address;
       --config: TOML with poll_interval_ms, down_after, max_in_flight and [[node]]
       id/address/labels for nodes that do not register themselves
   cellmaster nodes [--json]
@@ -28,6 +31,11 @@ pub const USAGE: &str = "usage:
   cellmaster uncordon NODE
   cellmaster drain NODE [--grace-ms N] [--timeout-s N]
   cellmaster logs TASK [--follow] [--tail N]
+  cellmaster image add DIR [--default] | image list [--json]
+  cellmaster reimage --to VERSION [--nodes SELECTOR] [--max-unavailable N]
+                     [--drain-timeout S] [--ready-timeout S] [--detach]
+      SELECTOR: node ids (a,b) or labels (zone=a,rack=r7); default every node
+  cellmaster rollout status [--json] [--watch] | rollout pause | resume | abort
 every command but serve takes --master ADDR (default $CELLMASTER or 127.0.0.1:7000)
 exit codes: 0 done, 1 the master refused or the operation failed, 2 bad command line,
             3 the master cannot be reached, 4 no such node, job or task";
@@ -252,6 +260,9 @@ pub async fn run(args: &[String]) -> CliResult {
             Ok(())
         }
         "drain" => drain(rest).await,
+        "image" => fleet::image(rest).await,
+        "reimage" => fleet::reimage(rest).await,
+        "rollout" => fleet::rollout(rest).await,
         "logs" => logs(rest).await,
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

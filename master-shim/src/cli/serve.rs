@@ -9,7 +9,7 @@ use super::{CliError, CliResult, Flags, failed, usage};
 use crate::config::{self, ListedNode, MasterConfig};
 use crate::images::{BOOT_ARTIFACTS, ImageError, ImageStore};
 use crate::poll::PollPolicy;
-use crate::server::{MasterState, serve as serve_master};
+use crate::server::{Advertise, MasterState, serve as serve_master};
 use crate::store::{NodeRow, SqliteStore, Store, StoreError};
 
 /// A node from the config into the store: its address and labels as listed, the rest as
@@ -42,6 +42,7 @@ pub async fn serve(args: &[String]) -> CliResult {
             "--image-dir",
             "--state",
             "--config",
+            "--advertise",
         ],
         &[],
     )?;
@@ -102,11 +103,35 @@ pub async fn serve(args: &[String]) -> CliResult {
     if let Some(image_dir) = f.get("--image-dir") {
         import_image(&images, std::path::Path::new(image_dir))?;
     }
+    let mut advertise = None;
     if f.has("--http") || f.has("--image-dir") {
         let http = f.get("--http").unwrap_or("0.0.0.0:7080");
         let http_listener = tokio::net::TcpListener::bind(http)
             .await
             .map_err(|e| failed(format!("--http {http}: {e}")))?;
+        let http_local = http_listener
+            .local_addr()
+            .map_err(|e| failed(format!("--http {http}: {e}")))?;
+        // Nodes need a host they can reach: named, or the one the master listens on.
+        let host = f.get("--advertise").map(str::to_string).or_else(|| {
+            [http_local.ip(), local.ip()]
+                .into_iter()
+                .find(|ip| !ip.is_unspecified())
+                .map(|ip| ip.to_string())
+        });
+        match host {
+            Some(host) => {
+                advertise = Some(Advertise {
+                    host,
+                    http_port: http_local.port(),
+                    grpc_port: local.port(),
+                })
+            }
+            None => tracing::warn!(
+                "--http and --listen are on every address and --advertise is not given: \
+                 rollouts cannot tell nodes where the images are"
+            ),
+        }
         tracing::info!(addr = %http, default_image = ?images.default_version(), "serving iPXE and images");
         let boot = Arc::new(crate::http::BootServer {
             images: images.clone(),
@@ -115,7 +140,7 @@ pub async fn serve(args: &[String]) -> CliResult {
         });
         tokio::spawn(crate::http::serve_http(http_listener, boot));
     }
-    let state = MasterState::new(policy, store, images)
+    let state = MasterState::new(policy, store, images, advertise)
         .map_err(|e| failed(format!("--state {}: {e}", state_file.display())))?;
     tracing::info!(addr = %local, nodes = state.registry().records.len(), "cellmaster serving");
     let shutdown = async {

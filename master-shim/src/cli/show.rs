@@ -6,18 +6,18 @@ use serde_json::{Value, json};
 use super::{CliResult, failed};
 
 /// Columns as wide as their widest cell; the last one is not padded.
-struct Table {
+pub struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(header: &[&str]) -> Self {
+    pub fn new(header: &[&str]) -> Self {
         Self {
             rows: vec![header.iter().map(|h| h.to_string()).collect()],
         }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
@@ -49,7 +49,7 @@ impl Table {
         out
     }
 
-    fn print(&self) {
+    pub fn print(&self) {
         print!("{}", self.render());
     }
 }
@@ -58,7 +58,7 @@ fn dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
 
-fn print_json(v: &Value) -> CliResult {
+pub fn print_json(v: &Value) -> CliResult {
     let text = serde_json::to_string_pretty(v).map_err(|e| failed(e.to_string()))?;
     println!("{text}");
     Ok(())

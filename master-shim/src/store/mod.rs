@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use crate::jobfile::{JobSpec, Resources};
+use crate::rollout::Rollout;
 
 mod sqlite;
 
@@ -279,6 +280,11 @@ pub trait Store: Send + Sync {
         node: &str,
         victims: &[String],
     ) -> Result<(Revision, TaskRow), StoreError>;
+
+    /// Inserts or replaces a rollout (by id).
+    fn put_rollout(&self, rollout: &Rollout) -> Result<Revision, StoreError>;
+    /// The rollout with the highest id.
+    fn last_rollout(&self) -> Result<Option<Rollout>, StoreError>;
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::{JobRow, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, TaskState};
 use crate::jobfile::Resources;
+use crate::rollout::Rollout;
 
 /// `PRAGMA user_version` of the schema below. A new version adds a step to `migrate`.
 const SCHEMA_VERSION: i64 = 3;
@@ -71,6 +72,12 @@ ALTER TABLE tasks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
 const SCHEMA_V3: &str = "
 ALTER TABLE nodes ADD COLUMN macs TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE nodes ADD COLUMN boot_version TEXT NOT NULL DEFAULT '';
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    body TEXT NOT NULL,            -- Rollout as JSON
+    revision INTEGER NOT NULL
+);
 ";
 
 const TASK_COLUMNS: &str = "id, job, replica, node, state, reason, priority, memory_bytes, \
@@ -666,5 +673,39 @@ impl Store for SqliteStore {
                     id: id.to_string(),
                 })?
         })
+    }
+
+    fn put_rollout(&self, r: &Rollout) -> Result<Revision, StoreError> {
+        let body = serde_json::to_string(r).map_err(|source| StoreError::Json {
+            job: format!("(rollout {})", r.id),
+            source,
+        })?;
+        let (rev, ()) = self.write("put rollout", |tx, rev| {
+            tx.execute(
+                "INSERT OR REPLACE INTO rollouts (id, state, body, revision) VALUES (?1, ?2, ?3, ?4)",
+                params![to_sql(r.id), r.state.as_str(), body, to_sql(rev)],
+            )
+            .map_err(sql(format!("put rollout {}", r.id)))?;
+            Ok(())
+        })?;
+        Ok(rev)
+    }
+
+    fn last_rollout(&self) -> Result<Option<Rollout>, StoreError> {
+        let rows = self.query(
+            "last rollout",
+            "SELECT body FROM rollouts ORDER BY id DESC LIMIT 1",
+            [],
+            |r| {
+                let body: String = r.get(0)?;
+                Ok(
+                    serde_json::from_str::<Rollout>(&body).map_err(|source| StoreError::Json {
+                        job: "(a rollout)".into(),
+                        source,
+                    }),
+                )
+            },
+        )?;
+        Ok(rows.into_iter().next())
     }
 }
