@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub mod pxe;
+
 use celld_proto::v1 as pb;
 use celld_proto::v1::node_client::NodeClient;
 use tonic::transport::Channel;
