@@ -10,6 +10,14 @@ use celld_proto::v1 as pb;
 use celld_proto::v1::master_server::{Master, MasterServer};
 use common::Node;
 
+/// Every call but Register: this stand-in only records registrations.
+fn refused() -> tonic::Status {
+    tonic::Status::unimplemented("not in this stand-in")
+}
+
+type Refused<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
 #[derive(Clone, Default)]
 struct Recorder {
     seen: Arc<Mutex<Vec<(pb::RegisterRequest, std::net::SocketAddr)>>>,
@@ -33,21 +41,116 @@ impl Master for Recorder {
         &self,
         _req: tonic::Request<pb::ListNodesRequest>,
     ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        Err(refused())
     }
 
     async fn submit_job(
         &self,
         _req: tonic::Request<pb::SubmitJobRequest>,
     ) -> Result<tonic::Response<pb::SubmitJobResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        Err(refused())
     }
 
     async fn list_cell_tasks(
         &self,
         _req: tonic::Request<pb::ListCellTasksRequest>,
     ) -> Result<tonic::Response<pb::ListCellTasksResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        Err(refused())
+    }
+
+    async fn list_jobs(
+        &self,
+        _req: tonic::Request<pb::ListJobsRequest>,
+    ) -> Result<tonic::Response<pb::ListJobsResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn describe_node(
+        &self,
+        _req: tonic::Request<pb::DescribeRequest>,
+    ) -> Result<tonic::Response<pb::DescribeNodeResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn describe_job(
+        &self,
+        _req: tonic::Request<pb::DescribeRequest>,
+    ) -> Result<tonic::Response<pb::DescribeJobResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn describe_task(
+        &self,
+        _req: tonic::Request<pb::DescribeRequest>,
+    ) -> Result<tonic::Response<pb::DescribeTaskResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn kill(
+        &self,
+        _req: tonic::Request<pb::KillRequest>,
+    ) -> Result<tonic::Response<pb::KillResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn set_cordon(
+        &self,
+        _req: tonic::Request<pb::SetCordonRequest>,
+    ) -> Result<tonic::Response<pb::SetCordonResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn list_images(
+        &self,
+        _req: tonic::Request<pb::ListImagesRequest>,
+    ) -> Result<tonic::Response<pb::ListImagesResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn start_rollout(
+        &self,
+        _req: tonic::Request<pb::StartRolloutRequest>,
+    ) -> Result<tonic::Response<pb::RolloutStatus>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn get_rollout(
+        &self,
+        _req: tonic::Request<pb::GetRolloutRequest>,
+    ) -> Result<tonic::Response<pb::RolloutStatus>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn control_rollout(
+        &self,
+        _req: tonic::Request<pb::ControlRolloutRequest>,
+    ) -> Result<tonic::Response<pb::RolloutStatus>, tonic::Status> {
+        Err(refused())
+    }
+
+    type DrainNodeStream = Refused<pb::DrainProgress>;
+
+    async fn drain_node(
+        &self,
+        _req: tonic::Request<pb::DrainNodeRequest>,
+    ) -> Result<tonic::Response<Self::DrainNodeStream>, tonic::Status> {
+        Err(refused())
+    }
+
+    type CellTaskLogsStream = Refused<pb::LogLine>;
+
+    async fn cell_task_logs(
+        &self,
+        _req: tonic::Request<pb::CellTaskLogsRequest>,
+    ) -> Result<tonic::Response<Self::CellTaskLogsStream>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn add_image(
+        &self,
+        _req: tonic::Request<tonic::Streaming<pb::ImageChunk>>,
+    ) -> Result<tonic::Response<pb::AddImageResponse>, tonic::Status> {
+        Err(refused())
     }
 }
 
