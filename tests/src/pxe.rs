@@ -210,6 +210,40 @@ impl PxeCell {
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Submits a job of `replicas` busybox httpd servers from the image's rootfs, with
+    /// `extra` TOML after the resources table (e.g. a budget).
+    pub fn submit_web(&self, replicas: u32, extra: &str) {
+        let job = self.dir.path().join("web.toml");
+        std::fs::write(
+            &job,
+            format!(
+                "name = \"web\"\nreplicas = {replicas}\npriority = 100\n\
+                 argv = [\"httpd\", \"-f\", \"-p\", \"8080\"]\nrootfs = \"/rootfs/busybox\"\n\
+                 kill_grace_ms = 1000\n[resources]\nmemory = \"16MiB\"\ncpu_millis = 100\n{extra}"
+            ),
+        )
+        .unwrap();
+        let out = self.cellmaster(&["submit", job.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The nodes running a replica now, sorted, once each.
+    pub fn running_on(&self) -> Vec<String> {
+        let mut on: Vec<String> = self
+            .tasks()
+            .into_iter()
+            .filter(|(_, state, _)| state == "running")
+            .map(|(_, _, node)| node)
+            .collect();
+        on.sort();
+        on.dedup();
+        on
+    }
+
     /// (id, state, node) of every task.
     pub fn tasks(&self) -> Vec<(String, String, String)> {
         let tasks = self.json(&["tasks"]);

@@ -32,28 +32,9 @@ fn two_machines_pxe_boot_from_the_master_register_and_run_a_jobs_replicas() {
     }
 
     // A job of two replicas from the image's busybox rootfs: one on each machine.
-    let job = cell.dir.path().join("web.toml");
-    std::fs::write(
-        &job,
-        "name = \"web\"\nreplicas = 2\npriority = 100\nargv = [\"httpd\", \"-f\", \"-p\", \"8080\"]\n\
-         rootfs = \"/rootfs/busybox\"\n[resources]\nmemory = \"16MiB\"\ncpu_millis = 100\n",
-    )
-    .unwrap();
-    let out = cell.cellmaster(&["submit", job.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cell.submit_web(2, "");
     cell.wait("web's replicas running on both machines", 120, || {
-        let mut on: Vec<String> = cell
-            .tasks()
-            .into_iter()
-            .filter(|(_, state, _)| state == "running")
-            .map(|(_, _, node)| node)
-            .collect();
-        on.sort();
-        (on == ["node-770001", "node-770002"]).then_some(())
+        (cell.running_on() == ["node-770001", "node-770002"]).then_some(())
     });
 
     // The second machine is switched off: its replica moves to the first.

@@ -100,30 +100,9 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_a_corrupt_image_stops
         );
     }
 
-    let job = cell.dir.path().join("web.toml");
-    std::fs::write(
-        &job,
-        "name = \"web\"\nreplicas = 3\npriority = 100\nargv = [\"httpd\", \"-f\", \"-p\", \"8080\"]\n\
-         rootfs = \"/rootfs/busybox\"\nkill_grace_ms = 1000\n[resources]\nmemory = \"16MiB\"\n\
-         cpu_millis = 100\n[budget]\nmax_unavailable = 1\n",
-    )
-    .unwrap();
-    let out = cell.cellmaster(&["submit", job.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cell.submit_web(3, "[budget]\nmax_unavailable = 1\n");
     cell.wait("web's three replicas running, one per machine", 120, || {
-        let mut on: Vec<String> = cell
-            .tasks()
-            .into_iter()
-            .filter(|(_, s, _)| s == "running")
-            .map(|(_, _, n)| n)
-            .collect();
-        on.sort();
-        on.dedup();
-        (on.len() == MACHINES).then_some(())
+        (cell.running_on().len() == MACHINES).then_some(())
     });
 
     // The rollout, watched: never fewer than two replicas running.
