@@ -159,9 +159,13 @@ impl PxeCell {
     /// of ending QEMU.
     pub fn boot_machine(&mut self, i: usize, firmware_reboots: bool) {
         let serial = self.dir.path().join(format!("node{i}.log"));
+        let monitor = self.dir.path().join(format!("monitor{i}.sock"));
         let mut cmd = self.net.command("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", "512", "-display", "none"])
-            .args(["-monitor", "none", "-boot", "n"]);
+        cmd.args([
+            "-accel", "tcg", "-m", "512", "-display", "none", "-boot", "n",
+        ])
+        .arg("-monitor")
+        .arg(format!("unix:{},server,nowait", monitor.display()));
         if !firmware_reboots {
             cmd.arg("-no-reboot");
         }
@@ -185,6 +189,16 @@ impl PxeCell {
         }
         self.vms[i] = Some(vm);
         self.serials.push(serial);
+    }
+
+    /// Presses machine `i`'s reset button (the firmware boots it again, by PXE).
+    pub fn reset_machine(&self, i: usize) {
+        use std::io::Write;
+        let monitor = self.dir.path().join(format!("monitor{i}.sock"));
+        let mut s = std::os::unix::net::UnixStream::connect(&monitor)
+            .unwrap_or_else(|e| panic!("{}: {e}", monitor.display()));
+        s.write_all(b"system_reset\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     /// Switches machine `i` off.

@@ -118,11 +118,29 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_a_corrupt_image_stops
         .spawn()
         .unwrap();
     let mut fewest = MACHINES;
+    // Per node: when it was told to reimage (booting) and when it was back (done).
+    let mut booting: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut back: BTreeMap<String, Duration> = BTreeMap::new();
     let status = loop {
         if let Some(status) = reimage.try_wait().unwrap() {
             break status;
         }
         fewest = fewest.min(running(&cell));
+        let rollout = cell.json(&["rollout", "status"]);
+        for n in rollout["nodes"].as_array().into_iter().flatten() {
+            let id = n["node"].as_str().unwrap_or_default().to_string();
+            match n["phase"].as_str() {
+                Some("booting") => {
+                    booting.entry(id).or_insert_with(Instant::now);
+                }
+                Some("done") => {
+                    if let Some(at) = booting.get(&id) {
+                        back.entry(id).or_insert_with(|| at.elapsed());
+                    }
+                }
+                _ => {}
+            }
+        }
         assert!(
             started.elapsed() < Duration::from_secs(1500),
             "the rollout did not end\n{}",
@@ -161,6 +179,31 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_a_corrupt_image_stops
         "rollout of {MACHINES} machines to v2: {:.1} s (TCG)\n{progress}\n{status:#}",
         took.as_secs_f64()
     );
+    for (id, t) in &back {
+        println!(
+            "kexec reimage of {id}: Reimage accepted -> registered on v2 and Ready: {:.1} s",
+            t.as_secs_f64()
+        );
+    }
+
+    // For comparison, a full reboot through the firmware and PXE of one machine (reset
+    // button: firmware, iPXE, the master's script, kernel and initramfs over HTTP).
+    let reset_at = Instant::now();
+    cell.reset_machine(0);
+    let first = "node-770001".to_string();
+    cell.wait("node-770001 back after a firmware reboot", 400, || {
+        let n = nodes(&cell);
+        let (liveness, version, boot, _) = n.get(&first)?;
+        (liveness == "READY" && version == "v2" && boot != &after[&first].2).then_some(())
+    });
+    println!(
+        "firmware + PXE reboot of {first}: reset -> registered on v2 and Ready: {:.1} s",
+        reset_at.elapsed().as_secs_f64()
+    );
+    let after = nodes(&cell);
+    cell.wait("web's replicas all running after the reset", 120, || {
+        (running(&cell) == MACHINES).then_some(())
+    });
 
     // v3's kernel is corrupted on the master after it was checked and signed: the first
     // machine refuses it, the rollout stops, nothing else is touched.
