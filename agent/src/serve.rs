@@ -14,6 +14,7 @@ use crate::api::{NodeAgent, NodeApi, NodeFacts};
 use crate::cgroup::CgroupRoot;
 use crate::config::NodeConfig;
 use crate::node;
+use crate::reimage::{ReimageSettings, Reimager};
 use crate::task::seccomp::Profile;
 use crate::task::spec::NodeLimits;
 use crate::task::supervisor::SupervisorConfig;
@@ -84,6 +85,7 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         facts,
         generation,
         "/proc/sys".into(),
+        Reimager::new(ReimageSettings::from_config(cfg)),
     ));
     if !cfg.sysctls.is_empty() {
         let results = agent.apply_sysctls(&cfg.sysctls);
