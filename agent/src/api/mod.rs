@@ -566,7 +566,7 @@ impl NodeApi {
                 )
             }
         };
-        tracing::info!(version = %image.version, %message, "reimage");
+        tracing::info!(version = %image.version, outcome = %message, "reimage accepted");
         turn.keep();
         self.agent.power.send_replace(Some(how));
         Ok(message)
