@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use celld_proto::v1 as pb;
 use celld_proto::v1::node_client::NodeClient;
-use celld_system_tests::{BootPath, Vm, artifacts, artifacts_named, save_console};
+use celld_system_tests::{Artifacts, BootPath, Vm, artifacts, artifacts_named, save_console};
 use ed25519_dalek::{Signer, SigningKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -82,8 +82,17 @@ async fn slow_client(port: u16) -> NodeClient<Channel> {
     NodeClient::new(ch)
 }
 
-#[tokio::test]
-async fn a_node_reimages_into_a_signed_image_by_kexec() {
+/// A node booted from image A that trusts a fresh key, and a request, signed by that
+/// key, to move to image B served from the host.
+struct Setup {
+    vm: Vm,
+    before: pb::NodeStatus,
+    request: pb::ReimageRequest,
+    from: Artifacts,
+    to: Artifacts,
+}
+
+async fn boot_a_trusting_node() -> Setup {
     let from = artifacts();
     let to = artifacts_named("CELLD_ARTIFACTS_NEXT");
     assert_ne!(
@@ -106,7 +115,6 @@ async fn a_node_reimages_into_a_signed_image_by_kexec() {
         "{:?}",
         before.config_errors
     );
-
     let port = serve_dir(to.dir.clone()).await;
     let manifest = std::fs::read(to.dir.join("manifest.json")).unwrap();
     let request = pb::ReimageRequest {
@@ -117,6 +125,24 @@ async fn a_node_reimages_into_a_signed_image_by_kexec() {
         manifest_signature: key.sign(&manifest).to_bytes().to_vec(),
         manifest,
     };
+    Setup {
+        vm,
+        before,
+        request,
+        from,
+        to,
+    }
+}
+
+#[tokio::test]
+async fn a_node_reimages_into_a_signed_image_by_kexec() {
+    let Setup {
+        mut vm,
+        before,
+        request,
+        from,
+        to,
+    } = boot_a_trusting_node().await;
     let mut client = slow_client(vm.port).await;
 
     // Signed by someone else: refused, and the node stays as it was.
@@ -223,4 +249,39 @@ async fn a_node_reimages_into_a_signed_image_by_kexec() {
         total.as_secs_f64(),
         (total - fetched).as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn where_the_kernel_refuses_kexec_the_node_reboots_by_firmware() {
+    let Setup {
+        mut vm, request, ..
+    } = boot_a_trusting_node().await;
+    let mut client = slow_client(vm.port).await;
+    // The kernel's switch that makes kexec_file_load fail with EPERM until reboot.
+    let applied = client
+        .apply_sysctls(pb::ApplySysctlsRequest {
+            sysctls: [("kernel.kexec_load_disabled".to_string(), "1".to_string())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.results[0].error, "", "{applied:?}");
+    let version = request.version.clone();
+    let reply = client.reimage(request).await.unwrap().into_inner();
+    assert_eq!(
+        reply.message,
+        format!(
+            "{version} verified; stopping tasks and rebooting by firmware reboot \
+             (kexec_file_load: EPERM)"
+        )
+    );
+    // QEMU runs with -no-reboot: the firmware reboot ends it.
+    let exit = vm.wait_exit(Duration::from_secs(60));
+    save_console(&vm, "kexec-refused");
+    assert!(
+        exit.is_some(),
+        "the node did not reboot; console:\n{}",
+        vm.console()
+    );
+    assert!(vm.console().contains("kexec_file_load failed"));
 }
