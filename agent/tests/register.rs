@@ -29,26 +29,89 @@ impl Master for Recorder {
         }))
     }
 
+    // The admin calls: a registration stand-in has no use for them.
+    type DrainNodeStream = tokio_stream::Empty<Result<pb::DrainProgress, tonic::Status>>;
+    type CellTaskLogsStream = tokio_stream::Empty<Result<pb::LogLine, tonic::Status>>;
+
     async fn list_nodes(
         &self,
-        _req: tonic::Request<pb::ListNodesRequest>,
-    ) -> Result<tonic::Response<pb::ListNodesResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        _: tonic::Request<pb::ListNodesRequest>,
+    ) -> Reply<pb::ListNodesResponse> {
+        not_here()
     }
 
     async fn submit_job(
         &self,
-        _req: tonic::Request<pb::SubmitJobRequest>,
-    ) -> Result<tonic::Response<pb::SubmitJobResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        _: tonic::Request<pb::SubmitJobRequest>,
+    ) -> Reply<pb::SubmitJobResponse> {
+        not_here()
     }
 
     async fn list_cell_tasks(
         &self,
-        _req: tonic::Request<pb::ListCellTasksRequest>,
-    ) -> Result<tonic::Response<pb::ListCellTasksResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this stand-in"))
+        _: tonic::Request<pb::ListCellTasksRequest>,
+    ) -> Reply<pb::ListCellTasksResponse> {
+        not_here()
     }
+
+    async fn list_jobs(
+        &self,
+        _: tonic::Request<pb::ListJobsRequest>,
+    ) -> Reply<pb::ListJobsResponse> {
+        not_here()
+    }
+
+    async fn describe_node(
+        &self,
+        _: tonic::Request<pb::DescribeRequest>,
+    ) -> Reply<pb::DescribeNodeResponse> {
+        not_here()
+    }
+
+    async fn describe_job(
+        &self,
+        _: tonic::Request<pb::DescribeRequest>,
+    ) -> Reply<pb::DescribeJobResponse> {
+        not_here()
+    }
+
+    async fn describe_task(
+        &self,
+        _: tonic::Request<pb::DescribeRequest>,
+    ) -> Reply<pb::DescribeTaskResponse> {
+        not_here()
+    }
+
+    async fn kill(&self, _: tonic::Request<pb::KillRequest>) -> Reply<pb::KillResponse> {
+        not_here()
+    }
+
+    async fn set_cordon(
+        &self,
+        _: tonic::Request<pb::SetCordonRequest>,
+    ) -> Reply<pb::SetCordonResponse> {
+        not_here()
+    }
+
+    async fn drain_node(
+        &self,
+        _: tonic::Request<pb::DrainNodeRequest>,
+    ) -> Reply<Self::DrainNodeStream> {
+        not_here()
+    }
+
+    async fn cell_task_logs(
+        &self,
+        _: tonic::Request<pb::CellTaskLogsRequest>,
+    ) -> Reply<Self::CellTaskLogsStream> {
+        not_here()
+    }
+}
+
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+fn not_here<T>() -> Reply<T> {
+    Err(tonic::Status::unimplemented("not in this stand-in"))
 }
 
 #[tokio::test]
