@@ -80,12 +80,13 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         state_dir: cfg.state_dir.clone(),
         node_name: cfg.hostname.clone(),
     };
+    let reimager = Reimager::new(ReimageSettings::from_config(cfg), generation.clone());
     let agent = Arc::new(NodeAgent::new(
         supervisor,
         facts,
         generation,
         "/proc/sys".into(),
-        Reimager::new(ReimageSettings::from_config(cfg)),
+        reimager,
     ));
     if !cfg.sysctls.is_empty() {
         let results = agent.apply_sysctls(&cfg.sysctls);

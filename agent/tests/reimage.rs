@@ -438,6 +438,40 @@ async fn a_stalled_download_is_abandoned_and_one_reimage_runs_at_a_time() {
 }
 
 #[tokio::test]
+async fn a_call_that_ends_early_leaves_the_node_free_and_says_so() {
+    let cell = Cell::new().await;
+    let mut node = cell.node().await;
+    let mut r = cell.request();
+    r.kernel_url = cell.server.url("/stall/vmlinuz");
+    // The caller's deadline passes during the (stalling) download.
+    let mut call = tonic::Request::new(r);
+    call.set_timeout(Duration::from_millis(300));
+    let e = node.client.reimage(call).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(cell.server.asked_for("/stall/vmlinuz"));
+    // The server's own timer for the call ends a moment after the client's.
+    let ended = Instant::now();
+    let status = loop {
+        let status = node.status().await;
+        if !status.reimage_in_progress || ended.elapsed() > Duration::from_secs(5) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.reimage_in_progress, "{status:#?}");
+    assert!(
+        status
+            .last_reimage_error
+            .starts_with("the Reimage call ended before the node finished"),
+        "{status:#?}"
+    );
+    verified(&mut node, &cell).await;
+}
+
+#[tokio::test]
 async fn a_bad_master_key_stops_the_daemon_and_names_the_field() {
     common::require_root();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_celld"))

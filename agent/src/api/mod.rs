@@ -502,7 +502,6 @@ impl Node for NodeApi {
         self.agent
             .reimager
             .record(outcome.as_ref().err().map(|e| e.to_string()));
-        self.agent.generation.fetch_add(1, Ordering::SeqCst);
         match outcome {
             Ok(message) => Ok(Response::new(pb::ReimageResponse { message })),
             Err(e) => {
@@ -534,7 +533,6 @@ impl NodeApi {
     async fn reimage_now(&self, order: &ReimageOrder) -> Result<String, ReimageError> {
         let reimager = &self.agent.reimager;
         let turn = reimager.begin()?;
-        self.agent.generation.fetch_add(1, Ordering::SeqCst);
         let image = reimager.verify_and_fetch(&turn, order).await?;
         if self.agent.facts.mode != "pid1" {
             return Err(ReimageError::VerifiedNotPid1 {

@@ -13,8 +13,8 @@ pub mod manifest;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
@@ -139,7 +139,14 @@ pub struct Reimager {
     settings: ReimageSettings,
     busy: AtomicBool,
     last_error: Mutex<String>,
+    /// The node's status generation: bumped when what status shows of reimage changes.
+    generation: Arc<AtomicU64>,
 }
+
+/// Recorded when a reimage call ends before it finished (the caller went away, or its
+/// deadline or the server's request limit passed): the downloads stop and nothing changed.
+pub const ABANDONED: &str = "the Reimage call ended before the node finished checking and \
+                             downloading (caller gone or deadline passed): nothing changed";
 
 /// Holds the one-reimage turn; gives it back when dropped unless kept.
 pub struct Turn<'a> {
@@ -155,19 +162,23 @@ impl Turn<'_> {
 }
 
 impl Drop for Turn<'_> {
+    /// A turn dropped unkept ends its reimage. A cancelled call leaves ABANDONED as the
+    /// reason; a call that ends normally records its real outcome right after.
     fn drop(&mut self) {
         if !self.keep {
             self.reimager.busy.store(false, Ordering::SeqCst);
+            self.reimager.record(Some(ABANDONED.to_string()));
         }
     }
 }
 
 impl Reimager {
-    pub fn new(settings: ReimageSettings) -> Self {
+    pub fn new(settings: ReimageSettings, generation: Arc<AtomicU64>) -> Self {
         Self {
             settings,
             busy: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
+            generation,
         }
     }
 
@@ -188,6 +199,7 @@ impl Reimager {
         if let Ok(mut e) = self.last_error.lock() {
             *e = refusal.unwrap_or_default();
         }
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Takes the one-reimage turn.
@@ -198,6 +210,7 @@ impl Reimager {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(ReimageError::Busy);
         }
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(Turn {
             reimager: self,
             keep: false,
