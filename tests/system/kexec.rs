@@ -170,7 +170,7 @@ async fn a_node_reimages_into_a_signed_image_by_kexec() {
         argv: [
             "sh",
             "-c",
-            "trap 'sleep 1; exit 0' TERM; while :; do sleep 0.2; done",
+            "trap 'sleep 1; exit 0' TERM; echo trapping; while :; do sleep 0.2; done",
         ]
         .map(String::from)
         .to_vec(),
@@ -187,6 +187,28 @@ async fn a_node_reimages_into_a_signed_image_by_kexec() {
         .run_task(pb::RunTaskRequest { spec: Some(task) })
         .await
         .unwrap();
+    // The shell is PID 1 of its namespace: SIGTERM before its trap is set would be lost.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut logs = client
+            .task_logs(pb::TaskLogsRequest {
+                id: "sleeper".into(),
+                follow: false,
+                tail: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = false;
+        while let Some(l) = logs.message().await.unwrap() {
+            seen |= l.line == b"trapping";
+        }
+        if seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never set its trap");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let asked = Instant::now();
     let reply = client.reimage(request).await;
