@@ -46,11 +46,18 @@ step "node image: kernel (cached), static celld, cellimg build"
 kernel=$(nice image/build-kernel.sh | tail -n 1)
 cargo build --release --target x86_64-unknown-linux-musl -p celld --bin celld
 artifacts=$(mktemp -d /tmp/celld-artifacts.XXXXXX)
-trap 'rm -rf "$artifacts"' EXIT
-cargo run -q -p cellimg -- build --out "$artifacts" --version "test-$(git rev-parse --short HEAD 2>/dev/null || echo local)" \
-    --celld target/x86_64-unknown-linux-musl/release/celld \
-    --celld-version "$(cargo metadata -q --no-deps --format-version 1 | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="celld"))')" \
-    --kernel "$kernel"
+# A second version of the same image: the kexec test reimages a node from one to the other.
+next=$(mktemp -d /tmp/celld-artifacts-next.XXXXXX)
+trap 'rm -rf "$artifacts" "$next"' EXIT
+version="test-$(git rev-parse --short HEAD 2>/dev/null || echo local)"
+celld_version="$(cargo metadata -q --no-deps --format-version 1 | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="celld"))')"
+build_image() { # OUT VERSION
+    cargo run -q -p cellimg -- build --out "$1" --version "$2" \
+        --celld target/x86_64-unknown-linux-musl/release/celld \
+        --celld-version "$celld_version" --kernel "$kernel"
+}
+build_image "$artifacts" "$version"
+build_image "$next" "$version-next"
 
 step "tests: unit, property, privileged, image, system (QEMU)"
-CELLD_ARTIFACTS=$artifacts cargo test --workspace
+CELLD_ARTIFACTS=$artifacts CELLD_ARTIFACTS_NEXT=$next cargo test --workspace

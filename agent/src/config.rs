@@ -30,6 +30,13 @@ pub struct NodeConfig {
     pub sysctls: BTreeMap<String, String>,
     /// Labels the master's constraints match against (zone, rack, ...).
     pub labels: BTreeMap<String, String>,
+    /// The master's ed25519 public key, 64 lowercase hex characters: the only signer of
+    /// image manifests this node reimages into. Empty: Reimage is refused.
+    pub master_key: String,
+    /// Largest kernel or initramfs a reimage downloads (each), in bytes.
+    pub reimage_max_bytes: u64,
+    /// A reimage download that receives nothing for this long is abandoned.
+    pub reimage_stall_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -45,6 +52,9 @@ impl Default for NodeConfig {
             reserved_cpu_millis: 100,
             sysctls: BTreeMap::new(),
             labels: BTreeMap::new(),
+            master_key: String::new(),
+            reimage_max_bytes: 128 << 20,
+            reimage_stall_ms: 10_000,
         }
     }
 }
@@ -104,6 +114,18 @@ impl NodeConfig {
                 ));
             }
         }
+        if !self.master_key.is_empty() {
+            parse_master_key(&self.master_key).map_err(|problem| bad("master_key", problem))?;
+        }
+        if self.reimage_max_bytes == 0 {
+            return Err(bad("reimage_max_bytes", "must be above 0".into()));
+        }
+        if !(1..=600_000).contains(&self.reimage_stall_ms) {
+            return Err(bad(
+                "reimage_stall_ms",
+                "must be 1 to 600000 (ten minutes)".into(),
+            ));
+        }
         for (k, v) in &self.labels {
             let ok = |s: &str| {
                 !s.is_empty()
@@ -143,18 +165,24 @@ impl NodeConfig {
                 "image_version" => next.image_version = value.into(),
                 "master" => next.master = value.into(),
                 "state_dir" => next.state_dir = value.into(),
-                "reserved_memory_bytes" | "reserved_cpu_millis" => {
+                "master_key" => next.master_key = value.into(),
+                "reserved_memory_bytes"
+                | "reserved_cpu_millis"
+                | "reimage_max_bytes"
+                | "reimage_stall_ms" => {
                     let Ok(n) = value.parse::<u64>() else {
                         errors.push(format!(
                             "kernel command line: celld.{key}={value:?} is not a number"
                         ));
                         continue;
                     };
-                    if key == "reserved_memory_bytes" {
-                        next.reserved_memory_bytes = n;
-                    } else {
-                        next.reserved_cpu_millis = n;
-                    }
+                    let slot = match key {
+                        "reserved_memory_bytes" => &mut next.reserved_memory_bytes,
+                        "reserved_cpu_millis" => &mut next.reserved_cpu_millis,
+                        "reimage_max_bytes" => &mut next.reimage_max_bytes,
+                        _ => &mut next.reimage_stall_ms,
+                    };
+                    *slot = n;
                 }
                 k if k.starts_with("label.") => {
                     next.labels
@@ -167,8 +195,9 @@ impl NodeConfig {
                 _ => {
                     errors.push(format!(
                         "kernel command line: celld.{key} is not a setting (known: listen, \
-                         hostname, image_version, master, state_dir, reserved_memory_bytes, \
-                         reserved_cpu_millis, sysctl.<key>, label.<key>)"
+                         hostname, image_version, master, master_key, state_dir, \
+                         reserved_memory_bytes, reserved_cpu_millis, reimage_max_bytes, \
+                         reimage_stall_ms, sysctl.<key>, label.<key>)"
                     ));
                     continue;
                 }
@@ -180,6 +209,37 @@ impl NodeConfig {
         }
         errors
     }
+}
+
+/// The master's public key from its hex form (64 lowercase hex characters).
+pub fn parse_master_key(hex: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let ok = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let bytes = match (ok, decode_hex(hex)) {
+        (true, Some(b)) => b,
+        _ => {
+            return Err(format!(
+                "{hex:?} is not an ed25519 public key: give 64 lowercase hex characters (32 bytes)"
+            ));
+        }
+    };
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&bytes);
+    ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| format!("{hex:?} is 32 bytes but not a valid ed25519 public key"))
+}
+
+/// Lowercase or uppercase hex to bytes; None on an odd length or a non-hex character.
+pub fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let pair = std::str::from_utf8(pair).ok().filter(|p| p.len() == 2)?;
+            u8::from_str_radix(pair, 16).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -227,5 +287,37 @@ mod tests {
         assert_eq!(c.master, "10.0.0.1:7000");
         assert_eq!(c.labels["zone"], "a");
         assert_eq!(more.len(), 1, "{more:?}");
+    }
+
+    #[test]
+    fn master_key_and_reimage_limits_are_checked_by_name() {
+        // The ed25519 public key of the all-zero secret key (RFC 8032 test vector 1's
+        // key is different; any valid point does).
+        let key = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+        let c = NodeConfig::from_toml(&format!(
+            "master_key = \"{key}\"\nreimage_max_bytes = 1000\nreimage_stall_ms = 50\n"
+        ))
+        .unwrap();
+        assert_eq!(c.master_key, key);
+        assert_eq!((c.reimage_max_bytes, c.reimage_stall_ms), (1000, 50));
+        for bad in [
+            "master_key = \"abc\"",
+            "master_key = \"3B6A27BCCEB6A42D62A3A8D02A6F0D73653215771DE243A63AC048A18B59DA29\"",
+        ] {
+            let e = NodeConfig::from_toml(bad).unwrap_err();
+            assert!(e.to_string().contains("master_key"), "{e}");
+        }
+        let e = NodeConfig::from_toml("reimage_max_bytes = 0").unwrap_err();
+        assert!(e.to_string().contains("reimage_max_bytes"), "{e}");
+        let mut c = NodeConfig::default();
+        let errors = c.apply_cmdline(&format!(
+            "celld.master_key={key} celld.reimage_stall_ms=x celld.reimage_max_bytes=4096 \
+             celld.master_key=zz"
+        ));
+        assert_eq!(c.master_key, key);
+        assert_eq!(c.reimage_max_bytes, 4096);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("reimage_stall_ms")));
+        assert!(errors.iter().any(|e| e.contains("master_key")));
     }
 }

@@ -181,3 +181,16 @@ pub fn power(off: bool) -> String {
         Err(e) => format!("reboot(2): {}", e.desc()),
     }
 }
+
+/// Syncs and boots the kernel staged by kexec_file_load. Falls back to a firmware
+/// reboot when the kernel refuses (nothing staged, or no kexec support); only returns
+/// when both fail.
+pub fn kexec_reboot() -> String {
+    nix::unistd::sync();
+    let kexec = match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC) {
+        Ok(never) => match never {},
+        Err(e) => format!("reboot(KEXEC): {}", e.desc()),
+    };
+    tracing::error!(error = %kexec, "kexec reboot failed: rebooting by firmware instead");
+    format!("{kexec}; {}", power(false))
+}

@@ -11,6 +11,7 @@
 //! - [`kernel`]: the sysctl profile.
 //! - [`node`]: identity, capacity, usage, conditions.
 //! - [`api`]: the gRPC handlers (thin) and proto conversion.
+//! - [`reimage`]: checking, downloading and staging a new image (kexec).
 //! - [`register`]: announcing the node to the master at boot, with backoff.
 //! - [`init`]: PID-1 duties: mounts, hostname, loopback, power.
 //! - [`serve`]: wiring it all together for either mode.
@@ -24,6 +25,7 @@ pub mod kernel;
 pub mod net;
 pub mod node;
 pub mod register;
+pub mod reimage;
 pub mod serve;
 pub mod sys;
 pub mod task;

@@ -8,7 +8,7 @@ use celld::serve::{Options, build_agent, serve, start_reaper, stop_all_tasks};
 use celld::task::state::Reason;
 
 const USAGE: &str = "usage: celld [--listen ADDR] [--config FILE] [--state-dir DIR] \
-                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] [--hostname NAME] | --version";
+                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] [--master-key HEX] [--hostname NAME] | --version";
 
 struct Args {
     listen: Option<String>,
@@ -17,6 +17,7 @@ struct Args {
     cgroup_parent: Option<String>,
     image_version: Option<String>,
     master: Option<String>,
+    master_key: Option<String>,
     hostname: Option<String>,
 }
 
@@ -28,6 +29,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         cgroup_parent: None,
         image_version: None,
         master: None,
+        master_key: None,
         hostname: None,
     };
     let mut it = args.iter();
@@ -39,6 +41,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--cgroup-parent" => &mut a.cgroup_parent,
             "--image-version" => &mut a.image_version,
             "--master" => &mut a.master,
+            "--master-key" => &mut a.master_key,
             "--hostname" => &mut a.hostname,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         };
@@ -74,6 +77,9 @@ fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     }
     if let Some(v) = &a.master {
         cfg.master = v.clone();
+    }
+    if let Some(v) = &a.master_key {
+        cfg.master_key = v.clone();
     }
     if let Some(v) = &a.hostname {
         cfg.hostname = v.clone();
@@ -299,9 +305,17 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     stop_all_tasks(&supervisor, Reason::NodeShutdown).await;
     if pid1 {
-        let off = *agent.power.borrow() != Some(celld::api::Power::Reboot);
-        tracing::info!(poweroff = off, "tasks stopped; syncing");
-        let e = celld::init::power(off);
+        let how = agent.power.borrow().unwrap_or(celld::api::Power::Poweroff);
+        tracing::info!(
+            ?how,
+            poweroff = how == celld::api::Power::Poweroff,
+            "tasks stopped; syncing"
+        );
+        let e = match how {
+            celld::api::Power::Kexec => celld::init::kexec_reboot(),
+            celld::api::Power::Reboot => celld::init::power(false),
+            celld::api::Power::Poweroff => celld::init::power(true),
+        };
         return Err(e);
     }
     Ok(())

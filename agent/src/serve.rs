@@ -14,6 +14,7 @@ use crate::api::{NodeAgent, NodeApi, NodeFacts};
 use crate::cgroup::CgroupRoot;
 use crate::config::NodeConfig;
 use crate::node;
+use crate::reimage::{ReimageSettings, Reimager};
 use crate::task::seccomp::Profile;
 use crate::task::spec::NodeLimits;
 use crate::task::supervisor::SupervisorConfig;
@@ -79,11 +80,13 @@ pub fn build_agent(opts: &Options) -> Result<Arc<NodeAgent>, ServeError> {
         state_dir: cfg.state_dir.clone(),
         node_name: cfg.hostname.clone(),
     };
+    let reimager = Reimager::new(ReimageSettings::from_config(cfg), generation.clone());
     let agent = Arc::new(NodeAgent::new(
         supervisor,
         facts,
         generation,
         "/proc/sys".into(),
+        reimager,
     ));
     if !cfg.sysctls.is_empty() {
         let results = agent.apply_sysctls(&cfg.sysctls);

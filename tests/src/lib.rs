@@ -38,12 +38,17 @@ pub struct Artifacts {
 }
 
 pub fn artifacts() -> Artifacts {
-    let dir = std::env::var_os("CELLD_ARTIFACTS")
-        .map(PathBuf::from)
-        .expect(
-            "CELLD_ARTIFACTS is not set: build an image with tests/run-all.sh (or cellimg build) \
-         and point CELLD_ARTIFACTS at its output directory",
-        );
+    artifacts_named("CELLD_ARTIFACTS")
+}
+
+/// The artifacts in the directory the environment variable `var` names.
+pub fn artifacts_named(var: &str) -> Artifacts {
+    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "{var} is not set: build an image with tests/run-all.sh (or cellimg build) \
+             and point {var} at its output directory"
+        )
+    });
     for f in [
         "vmlinuz",
         "initramfs.cpio.gz",

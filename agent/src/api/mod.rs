@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::kernel::sysctl::{SysctlResult, apply_sysctls};
 use crate::node;
+use crate::reimage::{ReimageError, ReimageOrder, Reimager};
 use crate::task::state::now_unix_ms;
 use crate::task::{RunError, Supervisor};
 use convert::*;
@@ -49,12 +50,15 @@ pub struct NodeAgent {
     pub power: tokio::sync::watch::Sender<Option<Power>>,
     /// (kernel start to serving, celld start to serving), seconds; set once.
     ready: std::sync::OnceLock<(f64, f64)>,
+    pub reimager: Reimager,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Power {
     Reboot,
     Poweroff,
+    /// Reboot into the kernel a Reimage staged with kexec_file_load.
+    Kexec,
 }
 
 impl NodeAgent {
@@ -63,6 +67,7 @@ impl NodeAgent {
         facts: NodeFacts,
         generation: Arc<AtomicU64>,
         sysctl_root: PathBuf,
+        reimager: Reimager,
     ) -> Self {
         Self {
             supervisor,
@@ -73,6 +78,7 @@ impl NodeAgent {
             conditions_since: Mutex::new(BTreeMap::new()),
             power: tokio::sync::watch::channel(None).0,
             ready: std::sync::OnceLock::new(),
+            reimager,
         }
     }
 
@@ -184,6 +190,8 @@ impl NodeAgent {
             cgroup_version: self.supervisor.cgroup_version().into(),
             config_errors: self.facts.config_errors.clone(),
             unchanged: false,
+            last_reimage_error: self.reimager.last_error(),
+            reimage_in_progress: self.reimager.in_progress(),
         }
     }
 }
@@ -204,6 +212,26 @@ fn run_error_to_status(e: RunError) -> Status {
         RunError::NotAccepting(_) => Status::failed_precondition(e.to_string()),
         RunError::NoRoom(_) => Status::resource_exhausted(e.to_string()),
         RunError::NotFound(_) => Status::not_found(e.to_string()),
+    }
+}
+
+fn reimage_error_to_status(e: &ReimageError) -> Status {
+    use ReimageError as E;
+    let message = e.to_string();
+    match e {
+        E::NoMasterKey | E::TooBig { .. } | E::VerifiedNotPid1 { .. } | E::Http { .. } => {
+            Status::failed_precondition(message)
+        }
+        E::Busy => Status::aborted(message),
+        E::Version { .. }
+        | E::Manifest { .. }
+        | E::SignatureLength { .. }
+        | E::Url { .. }
+        | E::Cmdline { .. } => Status::invalid_argument(message),
+        E::BadSignature => Status::permission_denied(message),
+        E::Stalled { .. } => Status::deadline_exceeded(message),
+        E::WrongSize { .. } | E::Checksum { .. } => Status::data_loss(message),
+        E::Memory { .. } => Status::resource_exhausted(message),
     }
 }
 
@@ -459,11 +487,28 @@ impl Node for NodeApi {
 
     async fn reimage(
         &self,
-        _req: Request<pb::ReimageRequest>,
+        req: Request<pb::ReimageRequest>,
     ) -> Result<Response<pb::ReimageResponse>, Status> {
-        Err(Status::unimplemented(
-            "Reimage: not in this celld yet (fleet reimaging is a later issue)",
-        ))
+        let r = req.into_inner();
+        let order = ReimageOrder {
+            version: r.version,
+            kernel_url: r.kernel_url,
+            initramfs_url: r.initramfs_url,
+            cmdline: r.cmdline,
+            manifest: r.manifest,
+            manifest_signature: r.manifest_signature,
+        };
+        let outcome = self.reimage_now(&order).await;
+        self.agent
+            .reimager
+            .record(outcome.as_ref().err().map(|e| e.to_string()));
+        match outcome {
+            Ok(message) => Ok(Response::new(pb::ReimageResponse { message })),
+            Err(e) => {
+                tracing::warn!(version = %order.version, error = %e, "reimage refused");
+                Err(reimage_error_to_status(&e))
+            }
+        }
     }
 
     async fn reboot(
@@ -484,6 +529,47 @@ impl Node for NodeApi {
 }
 
 impl NodeApi {
+    /// Checks and downloads the new image, stages it and asks for the reboot into it.
+    async fn reimage_now(&self, order: &ReimageOrder) -> Result<String, ReimageError> {
+        let reimager = &self.agent.reimager;
+        let turn = reimager.begin()?;
+        let image = reimager.verify_and_fetch(&turn, order).await?;
+        if self.agent.facts.mode != "pid1" {
+            return Err(ReimageError::VerifiedNotPid1 {
+                version: image.version,
+                kernel_bytes: image.kernel_bytes,
+                initramfs_bytes: image.initramfs_bytes,
+            });
+        }
+        // Where the kernel cannot kexec, a firmware reboot still moves the node: under
+        // PXE the master serves the version it now assigns.
+        let (how, message) = match image.stage() {
+            Ok(()) => (
+                Power::Kexec,
+                format!(
+                    "{} loaded; stopping tasks and rebooting by kexec",
+                    image.version
+                ),
+            ),
+            Err(e) => {
+                tracing::error!(version = %image.version, error = %e.desc(), errno = ?e,
+                    "kexec_file_load failed: rebooting by firmware instead");
+                (
+                    Power::Reboot,
+                    format!(
+                        "{} verified; stopping tasks and rebooting by firmware reboot \
+                         (kexec_file_load: {e:?})",
+                        image.version
+                    ),
+                )
+            }
+        };
+        tracing::info!(version = %image.version, outcome = %message, "reimage accepted");
+        turn.keep();
+        self.agent.power.send_replace(Some(how));
+        Ok(message)
+    }
+
     fn request_power(&self, p: Power) -> Result<(), Status> {
         if self.agent.facts.mode != "pid1" {
             return Err(Status::failed_precondition(

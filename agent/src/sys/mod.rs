@@ -192,3 +192,27 @@ pub fn kexec_load_nothing() -> Result<(), Errno> {
     };
     Errno::result(r).map(drop)
 }
+
+/// kexec_file_load(2): stages `kernel` and `initramfs` (open descriptors, read by the
+/// kernel itself) with `cmdline` as the kernel that reboot(LINUX_REBOOT_CMD_KEXEC) starts.
+pub fn kexec_file_load(
+    kernel: std::os::fd::BorrowedFd<'_>,
+    initramfs: std::os::fd::BorrowedFd<'_>,
+    cmdline: &CStr,
+) -> Result<(), Errno> {
+    let cmdline = cmdline.to_bytes_with_nul();
+    // SAFETY: both descriptors are open for the duration of the call (borrowed); the
+    // command line pointer and its length (NUL included, as the kernel requires) come
+    // from one live CStr; flags 0 loads a normal (not crash) kernel.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel.as_raw_fd(),
+            initramfs.as_raw_fd(),
+            cmdline.len() as libc::c_ulong,
+            cmdline.as_ptr(),
+            0 as libc::c_ulong,
+        )
+    };
+    Errno::result(r).map(drop)
+}

@@ -283,6 +283,8 @@ pub fn realistic_status() -> pb::NodeStatus {
         config_errors: Vec::new(),
         unchanged: false,
         init_to_ready_seconds: 0.3,
+        last_reimage_error: String::new(),
+        reimage_in_progress: false,
     }
 }
 
