@@ -31,8 +31,10 @@ pub fn resources(r: Option<pb::Resources>) -> Resources {
     }
 }
 
-/// A MAC as `aa:bb:cc:dd:ee:ff` from colons or hyphens in any case; None if it is not one.
+/// A MAC as `aa:bb:cc:dd:ee:ff` from colons or hyphens in any case, with or without the
+/// `iface=` celld puts before it; None if it is not one.
 pub fn normal_mac(mac: &str) -> Option<String> {
+    let mac = mac.rsplit('=').next().unwrap_or(mac);
     let parts: Vec<&str> = mac.split([':', '-']).collect();
     let ok = parts.len() == 6
         && parts
@@ -180,4 +182,24 @@ async fn reconcile_node(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normal_mac;
+
+    #[test]
+    fn macs_in_every_spelling_become_one() {
+        for m in [
+            "52:54:00:77:00:01",
+            "52-54-00-77-00-01",
+            "eth0=52:54:00:77:00:01",
+            "52:54:00:77:00:01".to_uppercase().as_str(),
+        ] {
+            assert_eq!(normal_mac(m).as_deref(), Some("52:54:00:77:00:01"), "{m}");
+        }
+        for bad in ["", "52:54:00:77:00", "zz:54:00:77:00:01", "525400770001"] {
+            assert_eq!(normal_mac(bad), None, "{bad}");
+        }
+    }
 }
