@@ -91,6 +91,10 @@ impl StatusSource for CountingSource {
         }
         result
     }
+
+    fn forget(&self, address: &str) {
+        self.inner.forget(address);
+    }
 }
 
 pub async fn poll_fleet(args: MasterArgs) -> Result<()> {
