@@ -82,6 +82,10 @@ pub async fn register(
         }
         Err(e) => return Err(e.into()),
     }
+    if reg.rebooted_from.is_some() {
+        // Connections to the old boot are dead, whatever the client still believes.
+        state.calls.forget(&reg.address);
+    }
     if let Some(old) = &reg.rebooted_from {
         let reason = format!("{} rebooted (boot {old} ended)", reg.id);
         for t in state.store.tasks_on_node(&reg.id)? {

@@ -12,6 +12,17 @@ use tonic::transport::{Channel, Endpoint};
 /// Longest a call to a node may take (a stream's first answer included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Whether a call reached the node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The node answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer: the node may not have seen the call.
+    #[error("unreached: {0}")]
+    Unreached(String),
+}
+
 #[derive(Default)]
 pub struct NodeCalls {
     channels: Mutex<BTreeMap<String, Channel>>,
@@ -20,6 +31,13 @@ pub struct NodeCalls {
 /// What a node call failed with, for reasons shown to people.
 fn describe(s: tonic::Status) -> String {
     format!("{}: {}", s.code(), s.message())
+}
+
+/// The call never got an answer from the node (refused, reset, or a connection that
+/// died with the node's last boot).
+fn transport_failed(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        || (s.code() == tonic::Code::Unknown && s.message().contains("transport error"))
 }
 
 impl NodeCalls {
@@ -36,6 +54,23 @@ impl NodeCalls {
         Ok(NodeClient::new(c))
     }
 
+    /// Drops the channel to `address` (its node rebooted, or a call found it broken), so
+    /// the next call connects afresh.
+    pub fn forget(&self, address: &str) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(address);
+    }
+
+    /// `describe`, and the channel dropped when the connection is what failed.
+    fn failed(&self, address: &str, s: tonic::Status) -> String {
+        if transport_failed(&s) {
+            self.forget(address);
+        }
+        describe(s)
+    }
+
     /// `req` with the call timeout.
     fn timed<T>(req: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(req);
@@ -48,7 +83,7 @@ impl NodeCalls {
             .run_task(Self::timed(pb::RunTaskRequest { spec: Some(spec) }))
             .await
             .map(drop)
-            .map_err(describe)
+            .map_err(|s| self.failed(address, s))
     }
 
     /// Kills a task; one the node does not have counts as killed.
@@ -63,7 +98,7 @@ impl NodeCalls {
         {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(s) => Err(describe(s)),
+            Err(s) => Err(self.failed(address, s)),
         }
     }
 
@@ -73,7 +108,7 @@ impl NodeCalls {
             .client(address)?
             .list_tasks(Self::timed(pb::ListTasksRequest::default()))
             .await
-            .map_err(describe)?
+            .map_err(|s| self.failed(address, s))?
             .into_inner()
             .tasks)
     }
@@ -94,14 +129,21 @@ impl NodeCalls {
         address: &str,
         req: pb::ReimageRequest,
         limit: Duration,
-    ) -> Result<String, String> {
+    ) -> Result<String, CallError> {
         let mut r = tonic::Request::new(req);
         r.set_timeout(limit);
-        self.client(address)?
+        self.client(address)
+            .map_err(CallError::Unreached)?
             .reimage(r)
             .await
             .map(|r| r.into_inner().message)
-            .map_err(describe)
+            .map_err(|s| {
+                if transport_failed(&s) {
+                    CallError::Unreached(self.failed(address, s))
+                } else {
+                    CallError::Refused(describe(s))
+                }
+            })
     }
 
     /// A task's log stream. Followed streams run as long as the node keeps them open, so

@@ -10,6 +10,7 @@ use celld_proto::v1 as pb;
 use super::plan::{NodeNow, Phase, Rollout};
 use crate::control::unix_ms;
 use crate::drain::{DrainMemory, drain_step};
+use crate::nodes::CallError;
 use crate::poll::Liveness;
 use crate::server::MasterState;
 use crate::store::StoreError;
@@ -54,17 +55,20 @@ async fn uncordon(state: &Arc<MasterState>, node: &str) {
 }
 
 /// Asks `node` to reimage to `version`; Err is the node's (or the master's) reason.
-async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<String, String> {
-    let image = state.images.get(version).map_err(|e| e.to_string())?;
+async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<String, CallError> {
+    let image = state
+        .images
+        .get(version)
+        .map_err(|e| CallError::Refused(e.to_string()))?;
     let advertise = state
         .advertise
         .as_ref()
-        .ok_or("this master serves no images over HTTP")?;
+        .ok_or_else(|| CallError::Refused("this master serves no images over HTTP".into()))?;
     let key = state.images.public_key_hex();
     let master = advertise.master_ref(&key);
     let address = state
         .address(node)
-        .ok_or_else(|| format!("node {node} is unknown"))?;
+        .ok_or_else(|| CallError::Refused(format!("node {node} is unknown")))?;
     let req = pb::ReimageRequest {
         version: version.to_string(),
         kernel_url: master.artifact_url(version, "vmlinuz"),
@@ -185,7 +189,17 @@ async fn reimage(state: &Arc<MasterState>, r: &mut Rollout, i: usize) -> Result<
             tracing::info!(rollout = r.id, %node, %msg, "rollout: node reimaging");
             r.set_phase(i, Phase::Booting, msg, unix_ms());
         }
-        Err(why) => {
+        Err(CallError::Unreached(why)) => {
+            // The node may not have heard it: ask again next time, within the ready
+            // timeout, which bounds the whole reimage.
+            let n = &r.nodes[i];
+            if unix_ms().saturating_sub(n.since_ms) > r.ready_timeout_ms {
+                rollback(state, r, i, format!("unreachable for Reimage: {why}")).await?;
+            } else {
+                r.nodes[i].message = format!("not reached yet ({why}); asking again");
+            }
+        }
+        Err(CallError::Refused(why)) => {
             tracing::warn!(rollout = r.id, %node, %why, "rollout: node refused the reimage");
             set_boot_version(state, &node, &r.nodes[i].from_version).await?;
             uncordon(state, &node).await;
@@ -216,7 +230,10 @@ async fn rollback(
         uncordon(state, &node).await;
         format!("{why}; it runs {from}")
     } else if now.ready && !from.is_empty() {
-        match send_reimage(state, &node, &from).await {
+        match send_reimage(state, &node, &from)
+            .await
+            .map_err(|e| e.to_string())
+        {
             Ok(_) => format!("{why}; sent back to {from}"),
             Err(e) => format!("{why}; sending it back to {from} failed: {e}"),
         }
