@@ -1,7 +1,8 @@
 //! Images and rollouts against a real master and real celld daemons on loopback. A
 //! daemon refuses to kexec its host, so here a rollout stops at its first node: that
 //! node is uncordoned with its tasks moved safely, and the other nodes are untouched. The
-//! whole way through (kexec, new boot, version) runs in the QEMU system test.
+//! whole way through (kexec, new boot, version) runs in the QEMU system test. A rollout
+//! survives `kill -9` of the master.
 
 mod common;
 
@@ -153,6 +154,15 @@ fn bad_rollouts_start_nothing_and_a_refusing_node_stops_the_rollout() {
     assert_eq!(paused["state"], "paused", "{paused:#}");
     let resumed = cell.json(&["rollout", "resume"]);
     assert_eq!(resumed["state"], "running", "{resumed:#}");
+    // The rollout lives in the store: a master killed with -9 finds it where it was.
+    cell.kill_master();
+    cell.start_master();
+    let kept = cell.json(&["rollout", "status"]);
+    assert_eq!(kept["state"], "running", "{kept:#}");
+    assert_eq!(kept["nodes"][0]["node"], "beta", "{kept:#}");
+    assert_eq!(kept["nodes"][0]["phase"], "draining", "{kept:#}");
+    let again = cell.cli(&["reimage", "--to", "v2", "--nodes", "alpha"]);
+    assert!(again.stderr.contains("is running"), "{again:?}");
     let aborted = cell.json(&["rollout", "abort"]);
     assert_eq!(aborted["state"], "aborted", "{aborted:#}");
     assert_eq!(cell.cli(&["rollout", "abort"]).code, 1);

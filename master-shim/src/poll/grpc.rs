@@ -294,7 +294,9 @@ fn decode_message(mut message: Bytes) -> Result<pb::NodeStatus, String> {
             message.len()
         ));
     }
-    pb::NodeStatus::decode(message).map_err(|e| format!("reply does not decode: {e}"))
+    super::lite::LiteStatus::decode(message)
+        .map(pb::NodeStatus::from)
+        .map_err(|e| format!("reply does not decode: {e}"))
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use celld_proto::v1 as pb;
 use tokio::time::Instant;
 
 mod grpc;
+mod lite;
 mod schedule;
 
 pub use grpc::GrpcSource;
