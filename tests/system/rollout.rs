@@ -2,7 +2,9 @@
 //! budget of 1 keeps at least two replicas running throughout `cellmaster reimage --to v2
 //! --max-unavailable 1`, and every machine ends on v2 with a new boot id (kexec). A second
 //! rollout to a v3 whose kernel is corrupted on the master stops at its first machine,
-//! which refuses and stays on v2, and leaves the others untouched.
+//! which refuses and stays on v2, and leaves the others untouched. A third, to a v4 that
+//! cannot boot (its initramfs is garbage, signed as such), times out on its machine,
+//! which is rolled back: it boots v2 again by PXE.
 //!
 //! v1, v2 and v3 are the test image under three versions: the same kernel and initramfs,
 //! with the version in the manifest and on the kernel command line (which is where a node
@@ -11,6 +13,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use sha2::Digest;
 
 use celld_system_tests::pxe::PxeCell;
 use celld_system_tests::{Artifacts, artifacts, vm_turn};
@@ -74,7 +78,7 @@ fn running(cell: &PxeCell) -> usize {
 }
 
 #[test]
-fn a_rollout_reimages_three_machines_within_the_budget_and_a_corrupt_image_stops_it() {
+fn a_rollout_reimages_three_machines_within_the_budget_and_bad_images_stop_or_roll_back() {
     let a = artifacts();
     let _turn = vm_turn();
     let images = tempfile::tempdir().unwrap();
@@ -240,6 +244,59 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_a_corrupt_image_stops
         );
         assert_eq!(boot, &after[id].2, "{id} rebooted");
         assert!(!cordoned, "{id} is still cordoned");
+    }
+
+    // v4 is signed and checks out, but its initramfs is garbage: the kernel finds no
+    // /init, panics and reboots (panic=-1) into PXE, which serves v4 until the master
+    // gives up on it and assigns v2 again.
+    let v4 = relabel(&a, images.path(), "v4");
+    let garbage = vec![0x5au8; 64 << 10];
+    std::fs::write(v4.join("initramfs.cpio.gz"), &garbage).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v4.join("manifest.json")).unwrap()).unwrap();
+    let sum: String = sha2::Sha256::digest(&garbage)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    m["artifacts"]["initramfs.cpio.gz"] = serde_json::json!({"sha256": sum, "size": garbage.len()});
+    std::fs::write(
+        v4.join("manifest.json"),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    let out = cell.cellmaster(&["image", "add", v4.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = "node-770002".to_string();
+    let out = cell.cellmaster(&[
+        "reimage",
+        "--to",
+        "v4",
+        "--nodes",
+        &second,
+        "--ready-timeout",
+        "60",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}\n{}", cell.consoles());
+    assert!(err.contains("not back on v4 within 60 s"), "{err}");
+    let status = cell.json(&["rollout", "status"]);
+    assert_eq!(status["nodes"][0]["phase"], "rolled-back", "{status:#}");
+    cell.wait("node-770002 back on v2 after the rollback", 400, || {
+        let n = nodes(&cell);
+        let (liveness, version, boot, cordoned) = n.get(&second)?;
+        (liveness == "READY" && version == "v2" && boot != &last[&second].2 && *cordoned)
+            .then_some(())
+    });
+    // It stays cordoned for a person to look at; the others were never touched.
+    let out = cell.cellmaster(&["uncordon", &second]);
+    assert!(out.status.success());
+    let end = nodes(&cell);
+    for id in ["node-770001", "node-770003"] {
+        assert_eq!(end[id].2, last[id].2, "{id} rebooted");
     }
     cell.keep_consoles("rollout.log");
 }

@@ -238,7 +238,7 @@ async fn rollback(
             Err(e) => format!("{why}; sending it back to {from} failed: {e}"),
         }
     } else {
-        format!("{why}; it boots {from} by PXE when it restarts")
+        format!("{why}; it boots {from} by PXE when it restarts, and stays cordoned")
     };
     tracing::warn!(rollout = r.id, %node, %what, "rollout: node rolled back");
     r.set_phase(i, Phase::RolledBack, what, unix_ms());
