@@ -31,10 +31,13 @@ kernel=$(nice image/build-kernel.sh | tail -n 1)
 cargo build --release --target x86_64-unknown-linux-musl -p celld --bin celld
 cargo build --release -p cellmaster --bins && cargo build --release -p celld --example demo
 demo=/var/lib/celld-demo
-rm -rf "$demo/image"; mkdir -p "$demo"
-cargo run -q --release -p cellimg -- build --out "$demo/image" --version demo-1 \
-    --celld target/x86_64-unknown-linux-musl/release/celld --celld-version 0.1.0 \
-    --kernel "$kernel" --no-iso
+rm -rf "$demo/image" "$demo/image2"; mkdir -p "$demo"
+for v in 1 2; do
+    out=$demo/image; [ $v = 2 ] && out=$demo/image2
+    cargo run -q --release -p cellimg -- build --out "$out" --version demo-$v \
+        --celld target/x86_64-unknown-linux-musl/release/celld --celld-version 0.1.0 \
+        --kernel "$kernel" --no-iso
+done
 
 ns=celld-demo
 ip netns del $ns 2>/dev/null || true
@@ -106,6 +109,11 @@ say "drain node-770002 (cellmaster drain): its replica moves, within the job's b
 in_ns target/release/cellmaster drain node-770002 --master 10.77.0.1:7000 --timeout-s 120
 in_ns target/release/cellmaster tasks --master 10.77.0.1:7000
 in_ns target/release/cellmaster uncordon node-770002 --master 10.77.0.1:7000
+say "a new image, demo-2 (cellmaster image add), rolled over the cell a node at a time (cellmaster reimage)"
+in_ns target/release/cellmaster image add $demo/image2 --master 10.77.0.1:7000
+in_ns target/release/cellmaster reimage --to demo-2 --max-unavailable 1 --master 10.77.0.1:7000
+in_ns target/release/cellmaster nodes --master 10.77.0.1:7000
+in_ns target/release/cellmaster tasks --master 10.77.0.1:7000
 node=$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json |
        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["address"])')
 say "tasks on $node, from the image's busybox rootfs"

@@ -89,36 +89,30 @@ pub fn parse(file: &str, text: &str) -> Result<MasterConfig, ConfigError> {
         err(offset, "(syntax)", e.message().to_string())
     })?;
     let mut config = MasterConfig::default();
-    if let Some(v) = raw.poll_interval_ms {
-        if !(50..=600_000).contains(v.get_ref()) {
-            return Err(err(
+    // A number within its range, or an error naming it.
+    fn ranged<T: PartialOrd + Copy + std::fmt::Display>(
+        v: Option<Spanned<T>>,
+        range: std::ops::RangeInclusive<T>,
+        field: &str,
+        err: &dyn Fn(usize, &str, String) -> ConfigError,
+    ) -> Result<Option<T>, ConfigError> {
+        match v {
+            Some(v) if !range.contains(v.get_ref()) => Err(err(
                 v.span().start,
-                "poll_interval_ms",
-                format!("{} is outside 50..=600000", v.get_ref()),
-            ));
+                field,
+                format!(
+                    "{} is outside {}..={}",
+                    v.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            )),
+            v => Ok(v.map(|v| *v.get_ref())),
         }
-        config.poll_interval_ms = Some(*v.get_ref());
     }
-    if let Some(v) = raw.down_after {
-        if !(1..=100).contains(v.get_ref()) {
-            return Err(err(
-                v.span().start,
-                "down_after",
-                format!("{} is outside 1..=100", v.get_ref()),
-            ));
-        }
-        config.down_after = Some(*v.get_ref());
-    }
-    if let Some(v) = raw.max_in_flight {
-        if !(1..=65_536).contains(v.get_ref()) {
-            return Err(err(
-                v.span().start,
-                "max_in_flight",
-                format!("{} is outside 1..=65536", v.get_ref()),
-            ));
-        }
-        config.max_in_flight = Some(*v.get_ref());
-    }
+    config.poll_interval_ms = ranged(raw.poll_interval_ms, 50..=600_000, "poll_interval_ms", &err)?;
+    config.down_after = ranged(raw.down_after, 1..=100, "down_after", &err)?;
+    config.max_in_flight = ranged(raw.max_in_flight, 1..=65_536, "max_in_flight", &err)?;
     let mut seen = BTreeSet::new();
     for n in raw.node {
         let id = n.id.get_ref();

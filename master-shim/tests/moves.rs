@@ -20,12 +20,18 @@ fn all_running(cell: &Cell, job: &str, n: usize) -> Option<Vec<String>> {
         .then(|| s.into_iter().map(|(_, node)| node).collect())
 }
 
-#[test]
-fn a_hung_nodes_tasks_move_and_its_stale_copies_die_when_it_returns() {
+/// A master and two ready nodes, alpha and beta.
+fn two_nodes() -> Cell {
     let mut cell = Cell::new(300);
     cell.add_node("alpha");
     cell.add_node("beta");
     cell.wait_ready(&["alpha", "beta"]);
+    cell
+}
+
+#[test]
+fn a_hung_nodes_tasks_move_and_its_stale_copies_die_when_it_returns() {
+    let mut cell = two_nodes();
     let out = cell.submit(
         "web",
         "replicas = 2\n[resources]\nmemory = \"16MiB\"\ncpu_millis = 100\n",
@@ -65,10 +71,7 @@ fn a_hung_nodes_tasks_move_and_its_stale_copies_die_when_it_returns() {
 
 #[test]
 fn a_higher_priority_job_preempts_and_the_victim_says_why_it_waits() {
-    let mut cell = Cell::new(300);
-    cell.add_node("alpha");
-    cell.add_node("beta");
-    cell.wait_ready(&["alpha", "beta"]);
+    let cell = two_nodes();
     // Each node has 1900 m of CPU to give (2 CPUs, 100 m reserved): one batch replica each.
     let out = cell.submit(
         "batch",
@@ -112,10 +115,7 @@ fn a_higher_priority_job_preempts_and_the_victim_says_why_it_waits() {
 
 #[test]
 fn a_drain_evicts_within_the_budget_and_waits_for_replacements() {
-    let mut cell = Cell::new(300);
-    cell.add_node("alpha");
-    cell.add_node("beta");
-    cell.wait_ready(&["alpha", "beta"]);
+    let cell = two_nodes();
     let out = cell.submit(
         "web",
         "replicas = 3\n[resources]\nmemory = \"16MiB\"\ncpu_millis = 100\n[budget]\nmax_unavailable = 1\n",
