@@ -43,6 +43,9 @@ pub struct MasterState {
     pub images: Arc<ImageStore>,
     /// How nodes reach this master's HTTP and gRPC; None when it serves no images.
     pub advertise: Option<Advertise>,
+    /// Held while a rollout is read and written back: an operator's pause or abort and
+    /// the engine's progress do not overwrite each other.
+    pub rollout_write: Mutex<()>,
 }
 
 /// The master as nodes reach it.
@@ -93,6 +96,7 @@ impl MasterState {
             calls: NodeCalls::default(),
             images,
             advertise,
+            rollout_write: Mutex::new(()),
         }))
     }
 

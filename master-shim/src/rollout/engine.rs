@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use celld_proto::v1 as pb;
 
-use super::plan::{NodeNow, Phase, Rollout};
+use super::plan::{NodeNow, Phase, Rollout, RolloutState};
 use crate::control::unix_ms;
 use crate::drain::{DrainMemory, drain_step};
 use crate::nodes::CallError;
@@ -80,6 +80,25 @@ async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<
     state.calls.reimage(&address, req, REIMAGE_CALL).await
 }
 
+/// Writes the engine's copy of the rollout, keeping an operator's pause or abort that
+/// came while the engine worked (the engine's own failure or finish still wins).
+fn save(state: &MasterState, r: &mut Rollout, seen: RolloutState) -> Result<(), StoreError> {
+    let _write = state
+        .rollout_write
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(stored) = state.store.last_rollout()?
+        && stored.id == r.id
+        && stored.state != seen
+        && r.state == seen
+    {
+        r.state = stored.state;
+        r.message = stored.message;
+    }
+    state.store.put_rollout(r)?;
+    Ok(())
+}
+
 /// One step of the current rollout, if there is one that is not over.
 pub async fn tick(state: &Arc<MasterState>) -> Result<(), StoreError> {
     let Some(mut r) = state.store.last_rollout()? else {
@@ -89,9 +108,10 @@ pub async fn tick(state: &Arc<MasterState>) -> Result<(), StoreError> {
         return Ok(());
     }
     let before = r.clone();
+    let seen = r.state;
     for i in 0..r.nodes.len() {
         if r.nodes[i].phase.in_progress() {
-            advance(state, &mut r, i).await?;
+            advance(state, &mut r, i, seen).await?;
             // A failure stops the rollout: nodes not yet touched stay as they are.
             if !r.state.is_active() {
                 break;
@@ -113,12 +133,17 @@ pub async fn tick(state: &Arc<MasterState>) -> Result<(), StoreError> {
         r.set_phase(i, Phase::Draining, "cordoned; draining".into(), unix_ms());
     }
     if r != before {
-        state.store.put_rollout(&r)?;
+        save(state, &mut r, seen)?;
     }
     Ok(())
 }
 
-async fn advance(state: &Arc<MasterState>, r: &mut Rollout, i: usize) -> Result<(), StoreError> {
+async fn advance(
+    state: &Arc<MasterState>,
+    r: &mut Rollout,
+    i: usize,
+    seen: RolloutState,
+) -> Result<(), StoreError> {
     let node = r.nodes[i].node.clone();
     let now = unix_ms();
     match r.nodes[i].phase {
@@ -145,7 +170,7 @@ async fn advance(state: &Arc<MasterState>, r: &mut Rollout, i: usize) -> Result<
                     now,
                 );
                 // Recorded before the call: a crash now repeats the call, not the drain.
-                state.store.put_rollout(r)?;
+                save(state, r, seen)?;
                 reimage(state, r, i).await?;
             } else if now.saturating_sub(r.nodes[i].since_ms) > r.drain_timeout_ms {
                 let why = format!(

@@ -199,6 +199,10 @@ pub fn control(
     action: pb::control_rollout_request::Action,
 ) -> Result<Rollout, Status> {
     use pb::control_rollout_request::Action;
+    let _write = state
+        .rollout_write
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let mut r = state
         .store
         .last_rollout()
