@@ -1,0 +1,86 @@
+//! Hostile clients against one celld: many idle connections, connections that send half
+//! a request and stop, garbage instead of HTTP/2, and an oversized request. celld must
+//! keep answering a legitimate caller through all of it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use celld_proto::v1 as pb;
+use common::Node;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A fresh client's GetStatus answers within `limit`.
+async fn answers_within(addr: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut c = tokio::time::timeout(
+        limit,
+        pb::node_client::NodeClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .expect("connecting took too long")
+    .expect("connect");
+    tokio::time::timeout(limit, c.get_status(pb::GetStatusRequest::default()))
+        .await
+        .expect("GetStatus took too long")
+        .expect("GetStatus failed");
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn idle_half_sent_and_garbage_connections_do_not_stop_legitimate_callers() {
+    let n = Node::start().await;
+    let addr = n.addr.clone();
+    let limit = Duration::from_secs(5);
+
+    // A thousand connections that say nothing.
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(&addr).await.expect("idle connect"));
+    }
+    let took = answers_within(&addr, limit).await;
+    println!("GetStatus with 1000 idle connections open: {took:?}");
+
+    // Two hundred that send the HTTP/2 preface and half a frame header, then stall.
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")
+            .await
+            .expect("write");
+        stalled.push(s);
+    }
+    let took = answers_within(&addr, limit).await;
+    println!("... and 200 stalled half-requests: {took:?}");
+
+    // Garbage instead of HTTP/2: the connection is dropped, the node goes on.
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        let _ = s.write_all(&[0xff; 4096]).await;
+    }
+    let took = answers_within(&addr, limit).await;
+    println!("... and 50 garbage writers: {took:?}");
+    drop((idle, stalled));
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_and_the_node_answers_on() {
+    let mut n = Node::start().await;
+    let mut spec = n.spec("big", &["sleep", "1"]);
+    spec.argv.push("x".repeat(4 << 20));
+    let e = n
+        .client
+        .run_task(pb::RunTaskRequest { spec: Some(spec) })
+        .await
+        .expect_err("a 4 MiB request must be refused");
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::InvalidArgument
+        ),
+        "{e:?}"
+    );
+    let status = n.status().await;
+    assert!(status.tasks.iter().all(|t| t.id != "big"), "{status:?}");
+}
