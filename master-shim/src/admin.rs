@@ -7,21 +7,13 @@ use std::sync::Arc;
 use celld_proto::v1 as pb;
 use tonic::Status;
 
-use crate::control::unix_ms;
-use crate::jobfile::{JobFileError, Resources, check_fits_somewhere, parse_job_named};
+use crate::control::{pb_resources, resources, unix_ms};
+use crate::jobfile::{JobFileError, check_fits_somewhere, parse_job_named};
 use crate::server::MasterState;
 use crate::store::{JobRow, StoreError, TaskRow, TaskState};
 
 pub fn internal(e: StoreError) -> Status {
     Status::internal(e.to_string())
-}
-
-fn pb_resources(r: Resources) -> pb::Resources {
-    pb::Resources {
-        memory_bytes: r.memory_bytes,
-        cpu_millis: r.cpu_millis,
-        pids_max: r.pids_max,
-    }
 }
 
 /// A task as the CLI shows it: the reason of a pending task is the scheduler's latest.
@@ -62,12 +54,8 @@ pub fn submit(
         .registry()
         .records
         .values()
-        .filter_map(|n| n.allocatable)
-        .map(|a| Resources {
-            memory_bytes: a.memory_bytes,
-            cpu_millis: a.cpu_millis,
-            pids_max: a.pids_max,
-        })
+        .filter(|n| n.allocatable.is_some())
+        .map(|n| resources(n.allocatable))
         .max_by_key(|a| (a.memory_bytes, a.cpu_millis));
     if let Some(largest) = largest {
         check_fits_somewhere(&job, largest).map_err(bad)?;

@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::registry::valid_node_id;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{file} line {line}: {field}: {problem}")]
 pub struct ConfigError {
@@ -59,13 +61,6 @@ struct RawNode {
     address: Spanned<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-}
-
-fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// `host:port` with a port in 1..=65535 and a host without spaces or a scheme.
@@ -116,7 +111,7 @@ pub fn parse(file: &str, text: &str) -> Result<MasterConfig, ConfigError> {
     let mut seen = BTreeSet::new();
     for n in raw.node {
         let id = n.id.get_ref();
-        if !valid_id(id) {
+        if !valid_node_id(id) {
             return Err(err(
                 n.id.span().start,
                 "node.id",

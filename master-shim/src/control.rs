@@ -21,6 +21,15 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A node's resources from the master's.
+pub fn pb_resources(r: Resources) -> pb::Resources {
+    pb::Resources {
+        memory_bytes: r.memory_bytes,
+        cpu_millis: r.cpu_millis,
+        pids_max: r.pids_max,
+    }
+}
+
 /// The master's resources from a node's (absent: zero).
 pub fn resources(r: Option<pb::Resources>) -> Resources {
     let r = r.unwrap_or_default();
@@ -152,7 +161,7 @@ async fn reconcile_node(
             .records
             .get(id)
             .map(|r| (r.boot_id.clone(), r.image_version.clone(), r.allocatable));
-        registry.apply(id, &Change::Status(Box::new(status.clone())));
+        registry.apply(id, status);
         before
             != Some((
                 status.boot_id.clone(),

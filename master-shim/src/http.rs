@@ -84,7 +84,7 @@ impl BootServer {
             .into_iter()
             .find(|n| n.macs.contains(&mac))
             .map(|n| n.boot_version)
-            .filter(|v| !v.is_empty() && self.images.get(v).is_ok());
+            .filter(|v| !v.is_empty() && self.images.artifact(v, "manifest.json").is_some());
         assigned.or_else(|| self.images.default_version())
     }
 

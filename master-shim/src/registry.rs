@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use celld_proto::v1 as pb;
 
-use crate::poll::{Change, Fleet, Liveness, NodeHealth};
+use crate::poll::{Fleet, Liveness, NodeHealth};
 use crate::store::NodeRow;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,7 +59,8 @@ pub struct Registry {
     pub records: BTreeMap<String, NodeRecord>,
 }
 
-fn safe_id(s: &str) -> bool {
+/// A node id: `[A-Za-z0-9.-]`, 1 to 63 characters (a hostname).
+pub fn valid_node_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -78,11 +79,7 @@ impl Registry {
                     boot_id: n.boot_id.clone(),
                     image_version: n.image_version.clone(),
                     labels: n.labels.clone(),
-                    allocatable: Some(pb::Resources {
-                        memory_bytes: n.allocatable.memory_bytes,
-                        cpu_millis: n.allocatable.cpu_millis,
-                        pids_max: n.allocatable.pids_max,
-                    }),
+                    allocatable: Some(crate::control::pb_resources(n.allocatable)),
                     cordoned: n.cordoned,
                     ..Default::default()
                 },
@@ -109,7 +106,7 @@ impl Registry {
         if identity.machine_id.is_empty() || identity.machine_id.len() > 128 {
             return Err(invalid("identity.machine_id", "1 to 128 characters"));
         }
-        if !safe_id(&identity.hostname) {
+        if !valid_node_id(&identity.hostname) {
             return Err(invalid(
                 "identity.hostname",
                 "[A-Za-z0-9.-], 1 to 63 characters",
@@ -159,9 +156,9 @@ impl Registry {
         })
     }
 
-    /// Folds a poll's change into the records.
-    pub fn apply(&mut self, id: &str, change: &Change) {
-        if let (Some(r), Change::Status(s)) = (self.records.get_mut(id), change) {
+    /// Folds a node's full status into its record.
+    pub fn apply(&mut self, id: &str, s: &pb::NodeStatus) {
+        if let Some(r) = self.records.get_mut(id) {
             r.boot_id = s.boot_id.clone();
             r.image_version = s.image_version.clone();
             r.tasks = s.tasks.len() as u32;

@@ -2,7 +2,6 @@
 //! under way, start queued ones within `max_unavailable`, and write the rollout back.
 //! Each phase can be repeated safely, so a tick cut short by a crash is simply done again.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use celld_proto::v1 as pb;
@@ -155,12 +154,7 @@ async fn advance(
             let report = drain_step(state, &node, 0, &mut mem).await?;
             let n = &mut r.nodes[i];
             n.evicted = mem.evicted.into_iter().collect();
-            n.stopping = mem
-                .stopping
-                .into_iter()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            n.stopping = mem.stopping.into_iter().collect();
             n.message = report.message.clone();
             if report.done {
                 r.set_phase(
