@@ -90,9 +90,9 @@ pub struct ImageStore {
 }
 
 /// What a manifest says: version, command line, (sha256, size) of each boot artifact.
-type ManifestFacts = (String, String, Vec<(String, u64)>);
+pub type ManifestFacts = (String, String, Vec<(String, u64)>);
 
-fn read_manifest(bytes: &[u8]) -> Result<ManifestFacts, ImageError> {
+pub fn read_manifest(bytes: &[u8]) -> Result<ManifestFacts, ImageError> {
     let bad = |m: &str| ImageError::Invalid(format!("manifest.json: {m}"));
     let m: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| bad(&format!("not JSON: {e}")))?;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use celld_proto::v1 as pb;
 
+use crate::reimage::ReimageOrder;
 use crate::task::logs::{LogLine, Stream};
 use crate::task::spec::{
     self, DEFAULT_KILL_GRACE, DEFAULT_PIDS_MAX, Network, Resources, RestartMode, RestartPolicy,
@@ -104,6 +105,18 @@ pub fn task_spec_from_proto(p: pb::TaskSpec) -> Result<TaskSpec, SpecError> {
         isolation_from(iso, &mut t.isolation)?;
     }
     Ok(t)
+}
+
+/// A `Reimage` request into the order the reimager checks (`reimage::check_order`).
+pub fn reimage_order_from_proto(r: pb::ReimageRequest) -> ReimageOrder {
+    ReimageOrder {
+        version: r.version,
+        kernel_url: r.kernel_url,
+        initramfs_url: r.initramfs_url,
+        cmdline: r.cmdline,
+        manifest: r.manifest,
+        manifest_signature: r.manifest_signature,
+    }
 }
 
 fn isolation_from(p: pb::Isolation, iso: &mut spec::Isolation) -> Result<(), SpecError> {

@@ -489,15 +489,7 @@ impl Node for NodeApi {
         &self,
         req: Request<pb::ReimageRequest>,
     ) -> Result<Response<pb::ReimageResponse>, Status> {
-        let r = req.into_inner();
-        let order = ReimageOrder {
-            version: r.version,
-            kernel_url: r.kernel_url,
-            initramfs_url: r.initramfs_url,
-            cmdline: r.cmdline,
-            manifest: r.manifest,
-            manifest_signature: r.manifest_signature,
-        };
+        let order = reimage_order_from_proto(req.into_inner());
         let outcome = self.reimage_now(&order).await;
         self.agent
             .reimager

@@ -228,31 +228,12 @@ impl Reimager {
             .master_key
             .as_ref()
             .ok_or(ReimageError::NoMasterKey)?;
-        if order.version.is_empty() {
-            return Err(ReimageError::Version {
-                problem: "is required".into(),
-            });
-        }
-        let manifest = Manifest::parse(&order.manifest)?;
-        if manifest.version != order.version {
-            return Err(ReimageError::Version {
-                problem: format!(
-                    "the request asks for {:?} but the manifest is of {:?}",
-                    order.version, manifest.version
-                ),
-            });
-        }
-        manifest::verify_signature(key, &order.manifest, &order.manifest_signature)?;
-        let kernel_url = fetch::parse_url("kernel_url", &order.kernel_url)?;
-        let initramfs_url = fetch::parse_url("initramfs_url", &order.initramfs_url)?;
-        let cmdline = check_cmdline(&order.cmdline, &manifest)?;
-        let cap = self.settings.max_bytes;
-        for (what, name) in [("kernel", KERNEL), ("initramfs", INITRAMFS)] {
-            let size = manifest.artifact(name).size;
-            if size > cap {
-                return Err(ReimageError::TooBig { what, size, cap });
-            }
-        }
+        let CheckedOrder {
+            manifest,
+            kernel_url,
+            initramfs_url,
+            cmdline,
+        } = check_order(key, order, self.settings.max_bytes)?;
         let mut files = Vec::with_capacity(2);
         for (name, text, url) in [
             (KERNEL, &order.kernel_url, &kernel_url),
@@ -290,6 +271,58 @@ impl Reimager {
     }
 }
 
+/// A reimage order that passed every check made before a download.
+pub struct CheckedOrder {
+    pub manifest: Manifest,
+    pub kernel_url: fetch::HttpUrl,
+    pub initramfs_url: fetch::HttpUrl,
+    pub cmdline: CString,
+}
+
+/// The checks of a reimage order that need no network, in the order a refusal reports
+/// them: version, manifest, its signature by `key`, both URLs, command line, sizes
+/// against `max_bytes`. Pure, so the fuzz tests run it on arbitrary requests.
+pub fn check_order(
+    key: &VerifyingKey,
+    order: &ReimageOrder,
+    max_bytes: u64,
+) -> Result<CheckedOrder, ReimageError> {
+    if order.version.is_empty() {
+        return Err(ReimageError::Version {
+            problem: "is required".into(),
+        });
+    }
+    let manifest = Manifest::parse(&order.manifest)?;
+    if manifest.version != order.version {
+        return Err(ReimageError::Version {
+            problem: format!(
+                "the request asks for {:?} but the manifest is of {:?}",
+                order.version, manifest.version
+            ),
+        });
+    }
+    manifest::verify_signature(key, &order.manifest, &order.manifest_signature)?;
+    let kernel_url = fetch::parse_url("kernel_url", &order.kernel_url)?;
+    let initramfs_url = fetch::parse_url("initramfs_url", &order.initramfs_url)?;
+    let cmdline = check_cmdline(&order.cmdline, &manifest)?;
+    for (what, name) in [("kernel", KERNEL), ("initramfs", INITRAMFS)] {
+        let size = manifest.artifact(name).size;
+        if size > max_bytes {
+            return Err(ReimageError::TooBig {
+                what,
+                size,
+                cap: max_bytes,
+            });
+        }
+    }
+    Ok(CheckedOrder {
+        manifest,
+        kernel_url,
+        initramfs_url,
+        cmdline,
+    })
+}
+
 /// The command line the new kernel gets: the request's, or the manifest's when empty.
 fn check_cmdline(given: &str, manifest: &Manifest) -> Result<CString, ReimageError> {
     let text = if given.is_empty() {
@@ -308,4 +341,69 @@ fn check_cmdline(given: &str, manifest: &Manifest) -> Result<CString, ReimageErr
     CString::new(text).map_err(|_| ReimageError::Cmdline {
         problem: "contains a NUL byte".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    const MANIFEST: &str = r#"{"version":"v2","kernel_cmdline":"console=ttyS0","artifacts":{
+        "vmlinuz":{"sha256":"2bd7692f620f2cf7b0cbf6728581edbb34d4a3c33177f3a887d4c1a67d8c6396","size":10},
+        "initramfs.cpio.gz":{"sha256":"dfbe09b30d6335cbb607cd6e1f0dec839d39d5619d0608708a1bd8f03d43ea7c","size":20}}}"#;
+
+    fn order(key: &SigningKey) -> ReimageOrder {
+        ReimageOrder {
+            version: "v2".into(),
+            kernel_url: "http://10.0.0.1/v2/vmlinuz".into(),
+            initramfs_url: "http://10.0.0.1:8080/v2/initramfs.cpio.gz".into(),
+            cmdline: String::new(),
+            manifest: MANIFEST.into(),
+            manifest_signature: key.sign(MANIFEST.as_bytes()).to_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_order_is_checked_whole_before_any_download() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let public = key.verifying_key();
+        let good = check_order(&public, &order(&key), 1 << 20).unwrap();
+        assert_eq!(good.cmdline.to_str(), Ok("console=ttyS0"));
+        let e = check_order(&public, &order(&key), 15).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                ReimageError::TooBig {
+                    what: "initramfs",
+                    size: 20,
+                    cap: 15
+                }
+            ),
+            "{e}"
+        );
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let e = check_order(&public, &order(&other), 1 << 20).err().unwrap();
+        assert!(matches!(e, ReimageError::BadSignature), "{e}");
+        let bad_url = ReimageOrder {
+            kernel_url: "https://10.0.0.1/v2/vmlinuz".into(),
+            ..order(&key)
+        };
+        let e = check_order(&public, &bad_url, 1 << 20).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                ReimageError::Url {
+                    field: "kernel_url",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let nul = ReimageOrder {
+            cmdline: "console=ttyS0\0".into(),
+            ..order(&key)
+        };
+        let e = check_order(&public, &nul, 1 << 20).err().unwrap();
+        assert!(matches!(e, ReimageError::Cmdline { .. }), "{e}");
+    }
 }
