@@ -8,7 +8,8 @@
 #   4. image tests: deterministic initramfs, cellimg's input checks;
 #   5. system tests: the real image (kernel from kernel-config/, static celld as /init)
 #      booted under QEMU by kernel+initrd, ISO on BIOS, ISO on UEFI and PXE, driven over
-#      the network.
+#      the network;
+#   6. fuzzing: every request's decoding and validation, 30 s per target (tests/fuzz).
 # It installs the Debian packages it needs (idempotent) so a fresh machine can run it.
 # The kernel is built once per machine and cached (image/build-kernel.sh).
 set -euo pipefail
@@ -61,3 +62,6 @@ build_image "$next" "$version-next"
 
 step "tests: unit, property, privileged, image, system (QEMU)"
 CELLD_ARTIFACTS=$artifacts CELLD_ARTIFACTS_NEXT=$next cargo test --workspace
+
+step "fuzz: every request's decoding and validation, 30 s per target"
+tests/fuzz/run.sh 30
