@@ -133,7 +133,7 @@ impl<S: StatusSource> Shared<S> {
                 // The wait for a slot is the master's, not the node's: only the call is
                 // timed.
                 let _permit = self.gate.acquire().await.ok();
-                tokio::time::timeout(self.policy.timeout, self.source.get_status(&address, known))
+                tokio::time::timeout(self.policy.timeout, self.source.get_status(&id, &address, known))
                     .await
                     .map_err(drop)
             };
