@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use celld_trust::{Authorize, Limits, Transport, incoming};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use tokio::net::TcpListener;
 
@@ -36,6 +37,12 @@ pub enum ServeError {
     #[error("server reflection: {0}")]
     Reflection(String),
 }
+
+/// Open connections celld serves at once (the master's, operators', a few tools), lowered
+/// to fit the process's descriptor limit.
+pub const MAX_CONNECTIONS: usize = 2048;
+/// A caller that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything `serve` needs besides the listener.
 pub struct Options {
@@ -132,6 +139,7 @@ pub fn start_reaper(supervisor: Supervisor) -> Result<(), ServeError> {
 pub async fn serve(
     agent: Arc<NodeAgent>,
     listener: TcpListener,
+    transport: Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -150,13 +158,18 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = incoming(
+        listener,
+        transport,
+        Limits::within_fd_limit(MAX_CONNECTIONS, HANDSHAKE_TIMEOUT),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let graceful = async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|v| *v).await;
     };
     let server = tonic::transport::Server::builder()
+        .layer(Authorize::new(celld_trust::role::node_api))
         .concurrency_limit_per_connection(64)
         .timeout(Duration::from_secs(60))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -34,6 +34,7 @@ impl Master for Recorder {
         Ok(tonic::Response::new(pb::RegisterResponse {
             node_id: "node-1".into(),
             poll_interval_ms: 2000,
+            ..Default::default()
         }))
     }
 
@@ -150,6 +151,13 @@ impl Master for Recorder {
         &self,
         _req: tonic::Request<tonic::Streaming<pb::ImageChunk>>,
     ) -> Result<tonic::Response<pb::AddImageResponse>, tonic::Status> {
+        Err(refused())
+    }
+
+    async fn create_join_token(
+        &self,
+        _req: tonic::Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<tonic::Response<pb::CreateJoinTokenResponse>, tonic::Status> {
         Err(refused())
     }
 }

@@ -98,7 +98,9 @@ impl NodeCalls {
     pub async fn run_task(
         &self,
         node: &str,
-        address: &str, spec: pb::TaskSpec) -> Result<(), String> {
+        address: &str,
+        spec: pb::TaskSpec,
+    ) -> Result<(), String> {
         self.client(node, address)?
             .run_task(Self::timed(pb::RunTaskRequest { spec: Some(spec) }))
             .await
@@ -110,7 +112,10 @@ impl NodeCalls {
     pub async fn kill_task(
         &self,
         node: &str,
-        address: &str, id: &str, grace_ms: u32) -> Result<(), String> {
+        address: &str,
+        id: &str,
+        grace_ms: u32,
+    ) -> Result<(), String> {
         match self
             .client(node, address)?
             .kill_task(Self::timed(pb::KillTaskRequest {
@@ -129,7 +134,8 @@ impl NodeCalls {
     pub async fn list_tasks(
         &self,
         node: &str,
-        address: &str) -> Result<Vec<pb::TaskStatus>, String> {
+        address: &str,
+    ) -> Result<Vec<pb::TaskStatus>, String> {
         Ok(self
             .client(node, address)?
             .list_tasks(Self::timed(pb::ListTasksRequest::default()))
@@ -143,7 +149,9 @@ impl NodeCalls {
     pub async fn task_status(
         &self,
         node: &str,
-        address: &str, id: &str) -> Result<pb::TaskStatus, String> {
+        address: &str,
+        id: &str,
+    ) -> Result<pb::TaskStatus, String> {
         self.list_tasks(node, address)
             .await?
             .into_iter()
@@ -184,7 +192,9 @@ impl NodeCalls {
         address: &str,
         req: pb::TaskLogsRequest,
     ) -> Result<tonic::Streaming<pb::LogLine>, tonic::Status> {
-        let mut client = self.client(node, address).map_err(tonic::Status::unavailable)?;
+        let mut client = self
+            .client(node, address)
+            .map_err(tonic::Status::unavailable)?;
         tokio::time::timeout(CALL_TIMEOUT, client.task_logs(req))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded(format!("{address} did not answer")))?

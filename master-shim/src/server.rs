@@ -147,7 +147,11 @@ impl MasterState {
     /// kept and retried every interval. Returns whether the node took it now.
     pub async fn kill_on_node(&self, node: &str, node_task_id: &str, grace_ms: u32) -> bool {
         let result = match self.address(node) {
-            Some(address) => self.calls.kill_task(node, &address, node_task_id, grace_ms).await,
+            Some(address) => {
+                self.calls
+                    .kill_task(node, &address, node_task_id, grace_ms)
+                    .await
+            }
             None => Err(format!("node {node} is unknown")),
         };
         let key = (node.to_string(), node_task_id.to_string());

@@ -54,8 +54,7 @@ pub fn load_or_create_ca(state_dir: &Path) -> Result<CellCa, String> {
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         let (ca, key_pem) = CellCa::create(&cell).map_err(|e| e.to_string())?;
-        write_private(&key_path, &key_pem)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
+        write_private(&key_path, &key_pem).map_err(|e| format!("{}: {e}", key_path.display()))?;
         std::fs::write(&cert_path, ca.cert_pem())
             .map_err(|e| format!("{}: {e}", cert_path.display()))?;
         tracing::info!(fingerprint = %ca.fingerprint(), path = %cert_path.display(), "cell CA created");
@@ -128,7 +127,12 @@ impl MasterTrust {
     }
 
     /// A bundle for a person (`cellmaster admin-cert`).
-    pub fn person_bundle(&self, role: Role, name: &str, ttl: Duration) -> Result<Credentials, String> {
+    pub fn person_bundle(
+        &self,
+        role: Role,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Credentials, String> {
         let (cert_pem, key_pem) = self
             .ca
             .issue_with_key(&Subject {
@@ -147,7 +151,12 @@ impl MasterTrust {
 }
 
 /// A new token: its text (`<id>.<secret>`, shown once) and the row the store keeps.
-pub fn new_token(ttl: Duration, uses: u32, node: &str, pxe: bool) -> Result<(String, JoinToken), String> {
+pub fn new_token(
+    ttl: Duration,
+    uses: u32,
+    node: &str,
+    pxe: bool,
+) -> Result<(String, JoinToken), String> {
     let mut bytes = [0u8; 20];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))

@@ -112,7 +112,9 @@ pub fn admin_cert(args: &[String]) -> CliResult {
     let out = f.get("--out").ok_or_else(|| usage("--out is required"))?;
     let name = f.get("--name").unwrap_or(role.as_str());
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-        return Err(usage(format!("--name: {name:?}: 1 to 64 printable characters")));
+        return Err(usage(format!(
+            "--name: {name:?}: 1 to 64 printable characters"
+        )));
     }
     let ttl = match f.get("--ttl") {
         Some(t) => duration("--ttl", t, 60..=5 * 365 * 86400)?,
@@ -185,9 +187,18 @@ mod tests {
 
     #[test]
     fn durations_name_the_flag_and_the_range() {
-        assert_eq!(duration("--ttl", "90", 1..=100).unwrap(), Duration::from_secs(90));
-        assert_eq!(duration("--ttl", "2h", 1..=86400).unwrap(), Duration::from_secs(7200));
-        assert_eq!(duration("--ttl", "1d", 1..=86400).unwrap(), Duration::from_secs(86400));
+        assert_eq!(
+            duration("--ttl", "90", 1..=100).unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            duration("--ttl", "2h", 1..=86400).unwrap(),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            duration("--ttl", "1d", 1..=86400).unwrap(),
+            Duration::from_secs(86400)
+        );
         for bad in ["", "h", "1w", "-1s", "2d", "99999999999999999999d"] {
             let e = duration("--ttl", bad, 1..=86400).unwrap_err();
             assert!(e.message.contains("--ttl"), "{bad}: {}", e.message);

@@ -194,7 +194,10 @@ impl Flags {
         let master = self
             .get("--master")
             .or(env.as_deref())
-            .or(bundle.as_ref().map(|b| b.master.as_str()).filter(|m| !m.is_empty()))
+            .or(bundle
+                .as_ref()
+                .map(|b| b.master.as_str())
+                .filter(|m| !m.is_empty()))
             .unwrap_or("127.0.0.1:7000")
             .to_string();
         let endpoint = celld_trust::client::endpoint(&master, Duration::from_secs(3))

@@ -12,8 +12,8 @@
 //! address the poller has forgotten.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -120,7 +120,11 @@ impl GrpcSource {
     }
 
     /// The held connection to `address`, or a new one.
-    async fn connection(&self, node: &str, address: &str) -> Result<(NodeConnection, bool), String> {
+    async fn connection(
+        &self,
+        node: &str,
+        address: &str,
+    ) -> Result<(NodeConnection, bool), String> {
         if let Some(held) = self.lock().get(address).cloned() {
             return Ok((held, true));
         }

@@ -182,7 +182,10 @@ async fn a_node_that_is_not_listening_is_a_failed_poll() {
     let error = source.get_status("n", &address, 0).await.unwrap_err();
     assert!(error.contains("connect"), "{error}");
     assert_eq!(source.connections(), 0);
-    let error = source.get_status("n", "not an address", 0).await.unwrap_err();
+    let error = source
+        .get_status("n", "not an address", 0)
+        .await
+        .unwrap_err();
     assert!(error.contains("not an address"), "{error}");
 }
 

@@ -71,8 +71,8 @@ async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<
     // good for one use while the rollout waits for it.
     let (fingerprint, join) = match &state.trust {
         Some(trust) => {
-            let (text, row) = crate::trust::new_token(REJOIN_TTL, 1, node, false)
-                .map_err(CallError::Refused)?;
+            let (text, row) =
+                crate::trust::new_token(REJOIN_TTL, 1, node, false).map_err(CallError::Refused)?;
             state
                 .store
                 .put_token(&row)

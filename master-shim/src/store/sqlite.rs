@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{JobRow, JoinToken, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, TaskState, TokenRefusal};
+use super::{
+    JobRow, JoinToken, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, TaskState,
+    TokenRefusal,
+};
 use crate::jobfile::Resources;
 use crate::rollout::Rollout;
 

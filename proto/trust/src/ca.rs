@@ -147,7 +147,11 @@ impl CellCa {
     }
 
     /// Signs `public_key` for `subject`; returns the certificate in PEM.
-    pub fn issue(&self, public_key: &impl PublicKeyData, subject: &Subject) -> Result<String, CaError> {
+    pub fn issue(
+        &self,
+        public_key: &impl PublicKeyData,
+        subject: &Subject,
+    ) -> Result<String, CaError> {
         let mut params = CertificateParams::new(subject.dns_names.clone())?;
         params
             .distinguished_name

@@ -228,8 +228,7 @@ async fn accept_loop(
                 let deadline = limits.handshake_timeout;
                 tokio::spawn(async move {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await
-                    {
+                    let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%remote, error = %e, "TLS handshake refused");

@@ -134,7 +134,13 @@ mod tests {
             assert!(!Role::Node.allows(needed));
         }
         assert!(!Role::Admin.allows(Role::Node));
-        for r in [Role::Reader, Role::Operator, Role::Admin, Role::Node, Role::Master] {
+        for r in [
+            Role::Reader,
+            Role::Operator,
+            Role::Admin,
+            Role::Node,
+            Role::Master,
+        ] {
             assert_eq!(Role::parse(r.as_str()), Some(r));
         }
         assert_eq!(Role::parse("root"), None);
@@ -153,7 +159,10 @@ mod tests {
             assert_eq!(needs(m), Need::Role(Role::Admin), "{m}");
         }
         assert_eq!(node_api("/grpc.health.v1.Health/Check"), Need::Nothing);
-        assert_eq!(node_api("/other.Service/GetStatus"), Need::Role(Role::Admin));
+        assert_eq!(
+            node_api("/other.Service/GetStatus"),
+            Need::Role(Role::Admin)
+        );
     }
 
     #[test]
