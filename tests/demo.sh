@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 packages=(busybox-static build-essential dnsmasq iproute2 qemu-system-x86 ipxe-qemu
           linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils
-          grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools python3)
+          grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools python3 musl-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
