@@ -62,18 +62,6 @@ pub struct Join {
     pub server: ServerTls,
 }
 
-/// The error with its causes (a transport error's text alone hides why).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 async fn try_register(
     master: &str,
     req: pb::RegisterRequest,
@@ -84,7 +72,7 @@ async fn try_register(
         .timeout(Duration::from_secs(5));
     let channel = client::connect(endpoint, tls)
         .await
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| client::error_chain(&e))?;
     MasterClient::new(channel)
         .register(req)
         .await

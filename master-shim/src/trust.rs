@@ -29,7 +29,8 @@ pub struct MasterTrust {
     pub node_cert_ttl: Duration,
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path` readable by its owner only, replacing it whole.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -125,29 +126,28 @@ impl MasterTrust {
             .map_err(|e| e.to_string())?;
         Ok((pem, now_secs() + self.node_cert_ttl.as_secs() as i64))
     }
+}
 
-    /// A bundle for a person (`cellmaster admin-cert`).
-    pub fn person_bundle(
-        &self,
-        role: Role,
-        name: &str,
-        ttl: Duration,
-    ) -> Result<Credentials, String> {
-        let (cert_pem, key_pem) = self
-            .ca
-            .issue_with_key(&Subject {
-                role,
-                name,
-                dns_names: Vec::new(),
-                ttl,
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Credentials {
-            ca_pem: self.ca.cert_pem().to_string(),
-            cert_pem,
-            key_pem,
+/// A bundle for a person (`cellmaster admin-cert`), signed by `ca`.
+pub fn person_bundle(
+    ca: &CellCa,
+    role: Role,
+    name: &str,
+    ttl: Duration,
+) -> Result<Credentials, String> {
+    let (cert_pem, key_pem) = ca
+        .issue_with_key(&Subject {
+            role,
+            name,
+            dns_names: Vec::new(),
+            ttl,
         })
-    }
+        .map_err(|e| e.to_string())?;
+    Ok(Credentials {
+        ca_pem: ca.cert_pem().to_string(),
+        cert_pem,
+        key_pem,
+    })
 }
 
 /// A new token: its text (`<id>.<secret>`, shown once) and the row the store keeps.

@@ -147,32 +147,17 @@ fn callers_are_checked_by_certificate_and_role_and_the_node_serves_on() {
     // The master's API checks roles as well.
     let out = cell.cli(&["nodes"]);
     assert_eq!(out.code, 0, "{out:?}");
-    let reader_bundle = cell.dir.path().join("reader.bundle");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellmaster"))
-        .args([
-            "submit",
-            "/nonexistent.toml",
-            "--master",
-            &cell.master,
-            "--bundle",
-        ])
-        .arg(&reader_bundle)
-        .output()
-        .unwrap();
+    let as_reader = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cellmaster"))
+            .args(args)
+            .args(["--master", &cell.master, "--bundle"])
+            .arg(cell.dir.path().join("reader.bundle"))
+            .output()
+            .unwrap()
+    };
+    let out = as_reader(&["submit", "/nonexistent.toml"]);
     assert_ne!(out.status.code(), Some(0));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellmaster"))
-        .args([
-            "token",
-            "create",
-            "--ttl",
-            "1h",
-            "--master",
-            &cell.master,
-            "--bundle",
-        ])
-        .arg(&reader_bundle)
-        .output()
-        .unwrap();
+    let out = as_reader(&["token", "create", "--ttl", "1h"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

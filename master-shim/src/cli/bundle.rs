@@ -2,8 +2,6 @@
 //! the master's address, the cell CA, a person's certificate with its role, and its key,
 //! in one TOML file of mode 0600. Also `admin-cert` and `token create` themselves.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -126,8 +124,7 @@ pub fn admin_cert(args: &[String]) -> CliResult {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let ca = crate::trust::load_or_create_ca(state_dir).map_err(failed)?;
-    let trust = crate::trust::MasterTrust::new(ca, Duration::from_secs(3600)).map_err(failed)?;
-    let creds = trust.person_bundle(role, name, ttl).map_err(failed)?;
+    let creds = crate::trust::person_bundle(&ca, role, name, ttl).map_err(failed)?;
     let bundle = Bundle {
         master: f.get("--master").unwrap_or("").to_string(),
         role: role.as_str().into(),
@@ -136,19 +133,12 @@ pub fn admin_cert(args: &[String]) -> CliResult {
         key: creds.key_pem,
     };
     let text = toml::to_string(&bundle).map_err(|e| failed(format!("bundle: {e}")))?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| failed(format!("--out {out}: {e}")))?;
-    file.write_all(text.as_bytes())
+    crate::trust::write_private(Path::new(out), &text)
         .map_err(|e| failed(format!("--out {out}: {e}")))?;
     println!(
         "wrote {out}: role {role}, name {name:?}, valid {} days; CA fingerprint {}",
         ttl.as_secs() / 86400,
-        trust.fingerprint()
+        ca.fingerprint()
     );
     Ok(())
 }

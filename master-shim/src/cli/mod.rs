@@ -206,23 +206,13 @@ impl Flags {
             .await
             .map_err(|e| CliError {
                 exit: Exit::Unreachable,
-                message: format!("cannot reach the master at {master}: {}", chain(&e)),
+                message: format!(
+                    "cannot reach the master at {master}: {}",
+                    celld_trust::client::error_chain(&e)
+                ),
             })?;
         Ok(MasterClient::new(channel))
     }
-}
-
-/// An error with its causes: a transport error's own text hides why (a refused
-/// certificate, a closed port).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Runs one command line (without the program name).

@@ -70,6 +70,19 @@ impl Service<Uri> for Dial {
     }
 }
 
+/// An error with its causes: a transport error's own text hides why (a refused
+/// certificate, a closed port).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// An endpoint for `address` (host:port) with the usual timeouts.
 pub fn endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint, String> {
     Ok(Endpoint::from_shared(format!("http://{address}"))

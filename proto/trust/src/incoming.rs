@@ -70,7 +70,7 @@ impl Limits {
     /// `wanted` connections, but leave 256 file descriptors of the process's limit for
     /// everything else (task logs, cgroup files, the store).
     pub fn within_fd_limit(wanted: usize, handshake_timeout: Duration) -> Limits {
-        let mut lim = libc_rlimit_nofile();
+        let mut lim = open_files_soft_limit();
         if lim == 0 {
             lim = 1024;
         }
@@ -81,7 +81,8 @@ impl Limits {
     }
 }
 
-fn libc_rlimit_nofile() -> usize {
+/// RLIMIT_NOFILE's soft value, from /proc (0 if unreadable).
+fn open_files_soft_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|t| {
