@@ -288,17 +288,20 @@ impl Cell {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
     }
 
+    /// The CLI pointed at this cell's master, with the admin bundle (or `--insecure`).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellmaster"));
+        cmd.args(args).args(["--master", &self.master]);
+        if self.secure {
+            cmd.arg("--bundle").arg(self.bundle());
+        } else {
+            cmd.arg("--insecure");
+        }
+        cmd
+    }
+
     pub fn cli(&self, args: &[&str]) -> Out {
-        let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
-            .args(args)
-            .args(["--master", &self.master])
-            .args(if self.secure {
-                vec!["--bundle".to_string(), self.bundle().display().to_string()]
-            } else {
-                vec!["--insecure".to_string()]
-            })
-            .output()
-            .unwrap();
+        let out = self.cli_command(args).output().unwrap();
         Out {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into(),
