@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 packages=(busybox-static crun runc build-essential dnsmasq iputils-ping iproute2
           linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils
           grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools
-          qemu-system-x86 ovmf ipxe-qemu python3)
+          qemu-system-x86 ovmf ipxe-qemu python3 musl-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,10 +52,13 @@ next=$(mktemp -d /tmp/celld-artifacts-next.XXXXXX)
 trap 'rm -rf "$artifacts" "$next"' EXIT
 version="test-$(git rev-parse --short HEAD 2>/dev/null || echo local)"
 celld_version="$(cargo metadata -q --no-deps --format-version 1 | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="celld"))')"
+# The QEMU tests talk to celld directly or run their cell without TLS (celld.insecure=1):
+# mutual TLS between real cellmaster and celld processes is tested in
+# master-shim/tests/trust.rs, and the demo boots its cell with TLS.
 build_image() { # OUT VERSION
     cargo run -q -p cellimg -- build --out "$1" --version "$2" \
         --celld target/x86_64-unknown-linux-musl/release/celld \
-        --celld-version "$celld_version" --kernel "$kernel"
+        --celld-version "$celld_version" --kernel "$kernel" --cmdline celld.insecure=1
 }
 build_image "$artifacts" "$version"
 build_image "$next" "$version-next"

@@ -37,6 +37,15 @@ pub struct NodeConfig {
     pub reimage_max_bytes: u64,
     /// A reimage download that receives nothing for this long is abandoned.
     pub reimage_stall_ms: u64,
+    /// Join token for the first registration (`celld.join=`, from `cellmaster token
+    /// create`).
+    pub join: String,
+    /// SHA-256 of the cell CA's certificate, 64 hex (`celld.ca=`): how the node knows
+    /// its master before it has a certificate of its own.
+    pub ca: String,
+    /// Plain text, no certificates, no roles (`celld.insecure=1`, `--insecure`):
+    /// development only.
+    pub insecure: bool,
 }
 
 impl Default for NodeConfig {
@@ -55,6 +64,9 @@ impl Default for NodeConfig {
             master_key: String::new(),
             reimage_max_bytes: 128 << 20,
             reimage_stall_ms: 10_000,
+            join: String::new(),
+            ca: String::new(),
+            insecure: false,
         }
     }
 }
@@ -114,6 +126,20 @@ impl NodeConfig {
                 ));
             }
         }
+        if !self.ca.is_empty()
+            && (self.ca.len() != 64 || !self.ca.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(bad(
+                "ca",
+                format!("{:?} is not a SHA-256 fingerprint (64 hex digits)", self.ca),
+            ));
+        }
+        if self.join.len() > 128 || self.join.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(bad(
+                "join",
+                "not a join token (printable, at most 128)".into(),
+            ));
+        }
         if !self.master_key.is_empty() {
             parse_master_key(&self.master_key).map_err(|problem| bad("master_key", problem))?;
         }
@@ -166,6 +192,18 @@ impl NodeConfig {
                 "master" => next.master = value.into(),
                 "state_dir" => next.state_dir = value.into(),
                 "master_key" => next.master_key = value.into(),
+                "join" => next.join = value.into(),
+                "ca" => next.ca = value.into(),
+                "insecure" => match value {
+                    "1" | "true" => next.insecure = true,
+                    "0" | "false" => next.insecure = false,
+                    _ => {
+                        errors.push(format!(
+                            "kernel command line: celld.insecure={value:?}: use 1 or 0"
+                        ));
+                        continue;
+                    }
+                },
                 "reserved_memory_bytes"
                 | "reserved_cpu_millis"
                 | "reimage_max_bytes"
@@ -195,7 +233,7 @@ impl NodeConfig {
                 _ => {
                     errors.push(format!(
                         "kernel command line: celld.{key} is not a setting (known: listen, \
-                         hostname, image_version, master, master_key, state_dir, \
+                         hostname, image_version, master, master_key, join, ca, insecure, state_dir, \
                          reserved_memory_bytes, reserved_cpu_millis, reimage_max_bytes, \
                          reimage_stall_ms, sysctl.<key>, label.<key>)"
                     ));

@@ -4,11 +4,14 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use celld::config::NodeConfig;
+use celld::register::Join;
 use celld::serve::{Options, build_agent, serve, start_reaper, stop_all_tasks};
 use celld::task::state::Reason;
+use celld_trust::{ServerTls, Transport};
 
 const USAGE: &str = "usage: celld [--listen ADDR] [--config FILE] [--state-dir DIR] \
-                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] [--master-key HEX] [--hostname NAME] | --version";
+                     [--cgroup-parent NAME] [--image-version V] [--master HOST:PORT] [--master-key HEX] [--hostname NAME] \
+                     [--join TOKEN] [--ca SHA256] [--insecure] | --version";
 
 struct Args {
     listen: Option<String>,
@@ -19,6 +22,9 @@ struct Args {
     master: Option<String>,
     master_key: Option<String>,
     hostname: Option<String>,
+    join: Option<String>,
+    ca: Option<String>,
+    insecure: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -31,10 +37,19 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         master: None,
         master_key: None,
         hostname: None,
+        join: None,
+        ca: None,
+        insecure: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--insecure" {
+            a.insecure = true;
+            continue;
+        }
         let slot = match flag.as_str() {
+            "--join" => &mut a.join,
+            "--ca" => &mut a.ca,
             "--listen" => &mut a.listen,
             "--config" => &mut a.config,
             "--state-dir" => &mut a.state_dir,
@@ -84,6 +99,13 @@ fn daemon_config(a: &Args) -> Result<NodeConfig, String> {
     if let Some(v) = &a.hostname {
         cfg.hostname = v.clone();
     }
+    if let Some(v) = &a.join {
+        cfg.join = v.clone();
+    }
+    if let Some(v) = &a.ca {
+        cfg.ca = v.clone();
+    }
+    cfg.insecure |= a.insecure;
     cfg.check()
         .map_err(|e| e.to_string().replace("node config: ", "--"))?;
     Ok(cfg)
@@ -245,6 +267,21 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         });
     }
     let agent = build_agent(&opts).map_err(|e| e.to_string())?;
+    let transport = if opts.config.insecure {
+        for _ in 0..3 {
+            tracing::warn!("{}", celld_trust::INSECURE_WARNING);
+        }
+        Transport::Plain
+    } else {
+        if opts.config.master.is_empty() || opts.config.ca.is_empty() {
+            tracing::error!(
+                "TLS without a master and CA fingerprint (celld.master=, celld.ca=, \
+                 celld.join=): no certificate can be had, so no caller is served; give \
+                 them, or insecure for development"
+            );
+        }
+        Transport::Tls(ServerTls::new(None))
+    };
     let agent_ms = opts.started.elapsed().as_secs_f64() * 1000.0;
     start_reaper(agent.supervisor.clone()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&opts.config.listen)
@@ -268,13 +305,22 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         kernel_to_init_s = opts.uptime_at_start,
         "celld serving"
     );
-    if !opts.config.master.is_empty() {
+    let join = match &transport {
+        Transport::Tls(server) if !opts.config.ca.is_empty() => Some(Join {
+            token: opts.config.join.clone(),
+            ca_fingerprint: opts.config.ca.clone(),
+            server: server.clone(),
+        }),
+        _ => None,
+    };
+    if !opts.config.master.is_empty() && (join.is_some() || opts.config.insecure) {
         let labels = opts.config.labels.clone().into_iter().collect();
         tokio::spawn(celld::register::register_until_done(
             opts.config.master.clone(),
             agent.clone(),
             addr.port(),
             labels,
+            join,
         ));
     }
     let power = agent.power.clone();
@@ -300,7 +346,7 @@ async fn run(opts: Options, pid1: bool) -> Result<(), String> {
         tracing::info!(?choice, "shutting down: stopping tasks");
         power.send_replace(Some(choice));
     };
-    serve(agent.clone(), listener, shutdown)
+    serve(agent.clone(), listener, transport, shutdown)
         .await
         .map_err(|e| e.to_string())?;
     stop_all_tasks(&supervisor, Reason::NodeShutdown).await;

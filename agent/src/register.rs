@@ -1,6 +1,8 @@
 //! Registration with the master (`celld.master=host:port`): announced once per boot,
 //! retried with jittered exponential backoff while the master is away. Tasks run
-//! meanwhile; nothing here blocks the node.
+//! meanwhile; nothing here blocks the node. Over TLS (the default) the registration is
+//! also how the node gets its certificate: its key is made in memory, the master signs
+//! a CSR, and the node registers again before the certificate ends to renew it.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -8,6 +10,11 @@ use std::time::Duration;
 
 use celld_proto::v1 as pb;
 use celld_proto::v1::master_client::MasterClient;
+
+use celld_trust::ca::{fingerprint, new_key_and_csr, now_secs, pem_certificates};
+use celld_trust::client;
+use celld_trust::tls::pinned_client_config;
+use celld_trust::{ClientTls, Credentials, MASTER_NAME, ServerTls};
 
 use crate::api::NodeAgent;
 
@@ -42,18 +49,30 @@ fn request(agent: &NodeAgent, grpc_port: u16, labels: &[(String, String)]) -> pb
         capacity: status.capacity,
         allocatable: status.allocatable,
         labels: labels.iter().cloned().collect(),
+        join_token: String::new(),
+        csr: Vec::new(),
     }
+}
+
+/// What a node needs to join a cell over TLS: a token for its first registration, the
+/// CA's fingerprint to know the master by, and its own server, which gets the certificate.
+pub struct Join {
+    pub token: String,
+    pub ca_fingerprint: String,
+    pub server: ServerTls,
 }
 
 async fn try_register(
     master: &str,
     req: pb::RegisterRequest,
+    tls: Option<&ClientTls>,
 ) -> Result<pb::RegisterResponse, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{master}"))
-        .map_err(|e| format!("master address {master:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(3))
+    let endpoint = client::endpoint(master, Duration::from_secs(3))
+        .map_err(|e| format!("master: {e}"))?
         .timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = client::connect(endpoint, tls)
+        .await
+        .map_err(|e| client::error_chain(&e))?;
     MasterClient::new(channel)
         .register(req)
         .await
@@ -61,23 +80,114 @@ async fn try_register(
         .map_err(|s| format!("{}: {}", s.code(), s.message()))
 }
 
-/// Registers, retrying until the master answers. Returns the master's answer.
+/// The node's certificate now, and when it ends.
+struct Held {
+    credentials: Credentials,
+    not_after: i64,
+}
+
+/// One registration over TLS: a fresh key and CSR; the node's own certificate while it is
+/// valid (a renewal), else the join token with the master known by the CA fingerprint.
+async fn register_tls(
+    master: &str,
+    mut req: pb::RegisterRequest,
+    join: &Join,
+    held: Option<&Held>,
+) -> Result<(pb::RegisterResponse, Held), String> {
+    let name = req
+        .identity
+        .as_ref()
+        .map(|i| i.hostname.clone())
+        .unwrap_or_default();
+    let (key, csr) = new_key_and_csr(&name).map_err(|e| e.to_string())?;
+    req.csr = csr;
+    let renewing = held.filter(|h| h.not_after > now_secs() + 5);
+    let config = match renewing {
+        Some(h) => h.credentials.client_config()?,
+        None => {
+            req.join_token = join.token.clone();
+            pinned_client_config(&join.ca_fingerprint)?
+        }
+    };
+    let tls = ClientTls::new(Arc::new(config), MASTER_NAME)?;
+    let reply = try_register(master, req, Some(&tls)).await?;
+    let ca_pem = reply.ca_certificate_pem.clone();
+    let ca_fingerprint = pem_certificates(&ca_pem)?
+        .first()
+        .map(|c| fingerprint(c))
+        .unwrap_or_default();
+    if ca_fingerprint != join.ca_fingerprint.to_ascii_lowercase() {
+        return Err(format!(
+            "the master sent a CA with fingerprint {ca_fingerprint:?}, not celld.ca={}",
+            join.ca_fingerprint
+        ));
+    }
+    let credentials = Credentials {
+        ca_pem,
+        cert_pem: reply.certificate_pem.clone(),
+        key_pem: key.serialize_pem(),
+    };
+    let identity = credentials.identity()?;
+    if identity.name != reply.node_id {
+        return Err(format!(
+            "the master's certificate names {:?}, not node {:?}",
+            identity.name, reply.node_id
+        ));
+    }
+    join.server.set(credentials.server_config()?);
+    let not_after = identity.not_after;
+    Ok((
+        reply,
+        Held {
+            credentials,
+            not_after,
+        },
+    ))
+}
+
+/// When to renew a certificate valid until `not_after`: two thirds into what is left,
+/// at least 5 s from now.
+pub fn renew_in(not_after: i64, now: i64) -> Duration {
+    let left = (not_after - now).max(0) as u64;
+    Duration::from_secs((left * 2 / 3).max(5))
+}
+
+/// Registers, retrying until the master answers; over TLS, then keeps renewing the
+/// node's certificate before it ends. Returns only without TLS (or never).
 pub async fn register_until_done(
     master: String,
     agent: Arc<NodeAgent>,
     grpc_port: u16,
     labels: Vec<(String, String)>,
-) -> pb::RegisterResponse {
+    join: Option<Join>,
+) -> Option<pb::RegisterResponse> {
     let mut attempt = 0u32;
+    let mut held: Option<Held> = None;
     loop {
-        match try_register(&master, request(&agent, grpc_port, &labels)).await {
-            Ok(r) => {
+        let req = request(&agent, grpc_port, &labels);
+        let result = match &join {
+            None => try_register(&master, req, None).await.map(|r| (r, None)),
+            Some(join) => register_tls(&master, req, join, held.as_ref())
+                .await
+                .map(|(r, h)| (r, Some(h))),
+        };
+        match result {
+            Ok((r, None)) => {
                 tracing::info!(%master, node_id = %r.node_id, attempts = attempt + 1, "registered with the master");
-                return r;
+                return Some(r);
+            }
+            Ok((r, Some(h))) => {
+                let wait = renew_in(h.not_after, now_secs());
+                tracing::info!(%master, node_id = %r.node_id, attempts = attempt + 1,
+                    certificate_ends = h.not_after, renew_in_s = wait.as_secs(),
+                    renewal = held.is_some(), "registered with the master; certificate in place");
+                held = Some(h);
+                attempt = 0;
+                tokio::time::sleep(wait).await;
             }
             Err(error) => {
                 let delay = retry_delay(attempt, jitter());
-                tracing::warn!(%master, %error, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64, "master not reached; tasks keep running");
+                tracing::warn!(%master, %error, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64, "registration failed; tasks keep running");
                 tokio::time::sleep(delay).await;
                 attempt = attempt.saturating_add(1);
             }

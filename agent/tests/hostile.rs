@@ -1,15 +1,22 @@
 //! Hostile clients against one celld: many idle connections, connections that send half
-//! a request and stop, garbage instead of HTTP/2, and an oversized request. celld must
-//! keep answering a legitimate caller through all of it.
+//! a request and stop, garbage instead of HTTP/2, an oversized request, HTTP/2 frame floods
+//! and gRPC requests with broken framing. celld must keep answering a legitimate caller
+//! through all of it.
 
 mod common;
+mod hostile_h2;
 
 use std::time::{Duration, Instant};
 
 use celld_proto::v1 as pb;
 use common::Node;
+use hostile_h2::{assert_malformed_refused, assert_well_formed_accepted, survive_every_flood};
+use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+const GET_STATUS: &str = "/celld.v1.Node/GetStatus";
+const RUN_TASK: &str = "/celld.v1.Node/RunTask";
 
 /// A fresh client's GetStatus answers within `limit`.
 async fn answers_within(addr: &str, limit: Duration) -> Duration {
@@ -83,4 +90,41 @@ async fn an_oversized_request_is_refused_and_the_node_answers_on() {
     );
     let status = n.status().await;
     assert!(status.tasks.iter().all(|t| t.id != "big"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_floods_do_not_stop_legitimate_callers() {
+    let n = Node::start().await;
+    let client = n.client.clone();
+    let get_status = || {
+        let mut c = client.clone();
+        async move {
+            c.get_status(pb::GetStatusRequest::default())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    };
+    survive_every_flood(&n.addr, GET_STATUS, get_status, || n.log()).await;
+}
+
+#[tokio::test]
+async fn malformed_grpc_requests_get_clean_errors_and_start_nothing() {
+    let mut n = Node::start().await;
+    let request = |id| pb::RunTaskRequest {
+        spec: Some(n.spec(id, &["sleep", "60"])),
+    };
+    let valid = request("malformed").encode_to_vec();
+    assert_malformed_refused(&n.addr, RUN_TASK, &valid).await;
+    let control = request("control").encode_to_vec();
+    assert_well_formed_accepted(&n.addr, RUN_TASK, &control, || n.log()).await;
+    let tasks = n
+        .client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .expect("ListTasks")
+        .into_inner()
+        .tasks;
+    let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["control"], "{tasks:?}");
 }

@@ -165,7 +165,7 @@ pub async fn describe_task(
             Some(address) => {
                 state
                     .calls
-                    .task_status(&address, &task.node_task_id())
+                    .task_status(&node, &address, &task.node_task_id())
                     .await
             }
             None => Err(format!("node {node} is unknown")),

@@ -50,11 +50,46 @@ impl Master for MasterApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let peer = req
-            .remote_addr()
+        let peer = req.extensions().get::<celld_trust::Peer>().cloned();
+        let remote = peer
+            .as_ref()
+            .and_then(|p| p.remote)
             .ok_or_else(|| Status::failed_precondition("the caller's address is unknown"))?;
         let r = req.into_inner();
-        let reg = crate::control::register(&self.state, &r, peer.ip())
+        let node = r
+            .identity
+            .as_ref()
+            .map(|i| i.hostname.clone())
+            .unwrap_or_default();
+        // Checked before a token's use is counted; the registry checks it again.
+        if !crate::registry::valid_node_id(&node) || node == celld_trust::MASTER_NAME {
+            return Err(Status::invalid_argument(format!(
+                "identity.hostname: {node:?} is not a node id ([A-Za-z0-9.-], 1 to 63 \
+                 characters, not {:?})",
+                celld_trust::MASTER_NAME
+            )));
+        }
+        let mut admitted = "insecure";
+        let signed = match &self.state.trust {
+            None => None,
+            Some(trust) => {
+                if r.csr.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "csr: empty; this master signs a certificate for every node",
+                    ));
+                }
+                // Signed first, handed out last: a CSR that does not parse uses no token.
+                let signed = trust
+                    .sign_node(&r.csr, &node)
+                    .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+                admitted = crate::trust::admit(self.state.store.as_ref(), &r, &node, peer.as_ref())
+                    .inspect_err(|s| {
+                        tracing::warn!(%node, %remote, reason = s.message(), "registration refused")
+                    })?;
+                Some(signed)
+            }
+        };
+        let reg = crate::control::register(&self.state, &r, remote.ip())
             .await
             .map_err(|e| match e {
                 RegistrationError::Refused(e @ RegisterError::Invalid { .. }) => {
@@ -65,11 +100,27 @@ impl Master for MasterApi {
                 }
                 RegistrationError::Store(e) => admin::internal(e),
             })?;
-        tracing::info!(node = %reg.id, address = %reg.address, boot_id = %r.boot_id, image = %r.image_version, "node registered");
+        tracing::info!(node = %reg.id, address = %reg.address, boot_id = %r.boot_id, image = %r.image_version, by = admitted, "node registered");
+        let (certificate_pem, certificate_not_after) = signed.unwrap_or_default();
         Ok(Response::new(pb::RegisterResponse {
             node_id: reg.id,
             poll_interval_ms: self.state.policy.interval.as_millis() as u32,
+            certificate_pem,
+            ca_certificate_pem: self
+                .state
+                .trust
+                .as_ref()
+                .map(|t| t.ca.cert_pem().to_string())
+                .unwrap_or_default(),
+            certificate_not_after,
         }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        crate::trust::create_token(&self.state, req.into_inner()).map(Response::new)
     }
 
     async fn list_nodes(
@@ -202,6 +253,7 @@ impl Master for MasterApi {
             .state
             .calls
             .logs(
+                &node,
                 &address,
                 pb::TaskLogsRequest {
                     id: task.node_task_id(),

@@ -229,7 +229,7 @@ async fn still_running(state: &MasterState, node: &str, ids: BTreeSet<String>) -
     let Some(address) = state.address(node) else {
         return BTreeSet::new();
     };
-    match state.calls.list_tasks(&address).await {
+    match state.calls.list_tasks(node, &address).await {
         Ok(tasks) => tasks
             .into_iter()
             .filter(|t| ids.contains(&t.id))

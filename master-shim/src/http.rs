@@ -25,6 +25,8 @@ pub struct BootServer {
     pub store: Arc<dyn Store>,
     /// gRPC port of the master, put on the booted node's command line.
     pub grpc_port: u16,
+    /// The cell CA's fingerprint, put there too (None: the master runs --insecure).
+    pub ca_fingerprint: Option<String>,
 }
 
 /// Where a booted node finds its master and the key it trusts images from.
@@ -33,15 +35,26 @@ pub struct MasterRef<'a> {
     pub http_port: u16,
     pub grpc_port: u16,
     pub key_hex: &'a str,
+    /// The cell CA's fingerprint (`celld.ca=`); None with `--insecure`.
+    pub ca_fingerprint: Option<&'a str>,
+    /// A join token for the booted node (`celld.join=`).
+    pub join: Option<&'a str>,
 }
 
 impl MasterRef<'_> {
     /// The kernel command line of `version`: the image's own plus the master's.
     pub fn cmdline(&self, image_cmdline: &str) -> String {
-        format!(
+        let mut line = format!(
             "{image_cmdline} celld.master={}:{} celld.master_key={}",
             self.host, self.grpc_port, self.key_hex
-        )
+        );
+        if let Some(fp) = self.ca_fingerprint {
+            line.push_str(&format!(" celld.ca={fp}"));
+        }
+        if let Some(token) = self.join {
+            line.push_str(&format!(" celld.join={token}"));
+        }
+        line
     }
 
     pub fn artifact_url(&self, version: &str, name: &str) -> String {
@@ -109,11 +122,25 @@ impl BootServer {
         let local = stream.local_addr()?;
         let host = local.ip().to_string();
         let key = self.images.public_key_hex();
+        // Only a token made with `token create --pxe` is handed out, and only while it
+        // lasts: anyone on the boot network can read this script.
+        let join = match self.ca_fingerprint {
+            Some(_) => self
+                .store
+                .pxe_token(celld_trust::ca::now_secs())
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading the PXE join token");
+                    None
+                }),
+            None => None,
+        };
         let master = MasterRef {
             host: &host,
             http_port: local.port(),
             grpc_port: self.grpc_port,
             key_hex: &key,
+            ca_fingerprint: self.ca_fingerprint.as_deref(),
+            join: join.as_deref(),
         };
         if route == "/ipxe" {
             let mac = query
@@ -215,6 +242,8 @@ mod tests {
             http_port: 7080,
             grpc_port: 7000,
             key_hex: "ab12",
+            ca_fingerprint: None,
+            join: None,
         };
         let s = ipxe_script(&m, "v1", "console=ttyS0 celld.image_version=v1");
         assert!(s.starts_with("#!ipxe\n"));
@@ -261,6 +290,7 @@ mod tests {
             images,
             store,
             grpc_port: 7000,
+            ca_fingerprint: None,
         });
         tokio::spawn(serve_http(listener, server));
         let get = |path: &'static str| async move {

@@ -15,6 +15,7 @@
 //! - [`placement`]: the loop that schedules pending tasks and starts them on nodes.
 //! - [`nodes`]: calls from the master to nodes.
 //! - [`images`]: node images by version, signed; [`rollout`]: reimaging the fleet.
+//! - [`trust`]: the cell CA, the master's certificate, join tokens, node admission.
 //! - [`http`]: iPXE scripts and image artifacts for machines that PXE-boot.
 
 pub mod admin;
@@ -35,3 +36,4 @@ pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod trust;

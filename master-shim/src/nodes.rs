@@ -2,12 +2,15 @@
 //! connected channel per address, kept for reuse. Polling has its own client in `poll`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celld_proto::v1 as pb;
 use celld_proto::v1::node_client::NodeClient;
-use tonic::transport::{Channel, Endpoint};
+use celld_trust::client;
+use tonic::transport::Channel;
+
+use crate::trust::MasterTrust;
 
 /// Longest a call to a node may take (a stream's first answer included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,9 +26,11 @@ pub enum CallError {
     Unreached(String),
 }
 
-#[derive(Default)]
 pub struct NodeCalls {
-    channels: Mutex<BTreeMap<String, Channel>>,
+    /// By (address, node id).
+    channels: Mutex<BTreeMap<(String, String), Channel>>,
+    /// None with `--insecure`.
+    trust: Option<Arc<MasterTrust>>,
 }
 
 /// What a node call failed with, for reasons shown to people.
@@ -41,26 +46,38 @@ fn transport_failed(s: &tonic::Status) -> bool {
 }
 
 impl NodeCalls {
-    fn client(&self, address: &str) -> Result<NodeClient<Channel>, String> {
+    pub fn new(trust: Option<Arc<MasterTrust>>) -> NodeCalls {
+        NodeCalls {
+            channels: Mutex::default(),
+            trust,
+        }
+    }
+
+    /// A client for `node` at `address`; over TLS its certificate must name `node`.
+    fn client(&self, node: &str, address: &str) -> Result<NodeClient<Channel>, String> {
+        let key = (address.to_string(), node.to_string());
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(address) {
+        if let Some(c) = channels.get(&key) {
             return Ok(NodeClient::new(c.clone()));
         }
-        let c = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("node address {address:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        channels.insert(address.to_string(), c.clone());
+        let endpoint = client::endpoint(address, Duration::from_secs(2))
+            .map_err(|e| format!("node {node}: {e}"))?;
+        let tls = match &self.trust {
+            Some(t) => Some(t.node_tls(node)?),
+            None => None,
+        };
+        let c = client::connect_lazy(endpoint, tls.as_ref());
+        channels.insert(key, c.clone());
         Ok(NodeClient::new(c))
     }
 
-    /// Drops the channel to `address` (its node rebooted, or a call found it broken), so
+    /// Drops the channels to `address` (its node rebooted, or a call found it broken), so
     /// the next call connects afresh.
     pub fn forget(&self, address: &str) {
         self.channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(address);
+            .retain(|(a, _), _| a != address);
     }
 
     /// `describe`, and the channel dropped when the connection is what failed.
@@ -78,8 +95,13 @@ impl NodeCalls {
         r
     }
 
-    pub async fn run_task(&self, address: &str, spec: pb::TaskSpec) -> Result<(), String> {
-        self.client(address)?
+    pub async fn run_task(
+        &self,
+        node: &str,
+        address: &str,
+        spec: pb::TaskSpec,
+    ) -> Result<(), String> {
+        self.client(node, address)?
             .run_task(Self::timed(pb::RunTaskRequest { spec: Some(spec) }))
             .await
             .map(drop)
@@ -87,9 +109,15 @@ impl NodeCalls {
     }
 
     /// Kills a task; one the node does not have counts as killed.
-    pub async fn kill_task(&self, address: &str, id: &str, grace_ms: u32) -> Result<(), String> {
+    pub async fn kill_task(
+        &self,
+        node: &str,
+        address: &str,
+        id: &str,
+        grace_ms: u32,
+    ) -> Result<(), String> {
         match self
-            .client(address)?
+            .client(node, address)?
             .kill_task(Self::timed(pb::KillTaskRequest {
                 id: id.to_string(),
                 grace_ms,
@@ -103,9 +131,13 @@ impl NodeCalls {
     }
 
     /// Every task the node knows, ended ones included.
-    pub async fn list_tasks(&self, address: &str) -> Result<Vec<pb::TaskStatus>, String> {
+    pub async fn list_tasks(
+        &self,
+        node: &str,
+        address: &str,
+    ) -> Result<Vec<pb::TaskStatus>, String> {
         Ok(self
-            .client(address)?
+            .client(node, address)?
             .list_tasks(Self::timed(pb::ListTasksRequest::default()))
             .await
             .map_err(|s| self.failed(address, s))?
@@ -114,8 +146,13 @@ impl NodeCalls {
     }
 
     /// The node's status of one task.
-    pub async fn task_status(&self, address: &str, id: &str) -> Result<pb::TaskStatus, String> {
-        self.list_tasks(address)
+    pub async fn task_status(
+        &self,
+        node: &str,
+        address: &str,
+        id: &str,
+    ) -> Result<pb::TaskStatus, String> {
+        self.list_tasks(node, address)
             .await?
             .into_iter()
             .find(|t| t.id == id)
@@ -126,13 +163,14 @@ impl NodeCalls {
     /// node downloads and checks the image before it answers).
     pub async fn reimage(
         &self,
+        node: &str,
         address: &str,
         req: pb::ReimageRequest,
         limit: Duration,
     ) -> Result<String, CallError> {
         let mut r = tonic::Request::new(req);
         r.set_timeout(limit);
-        self.client(address)
+        self.client(node, address)
             .map_err(CallError::Unreached)?
             .reimage(r)
             .await
@@ -150,10 +188,13 @@ impl NodeCalls {
     /// only the first answer is bounded by the call timeout.
     pub async fn logs(
         &self,
+        node: &str,
         address: &str,
         req: pb::TaskLogsRequest,
     ) -> Result<tonic::Streaming<pb::LogLine>, tonic::Status> {
-        let mut client = self.client(address).map_err(tonic::Status::unavailable)?;
+        let mut client = self
+            .client(node, address)
+            .map_err(tonic::Status::unavailable)?;
         tokio::time::timeout(CALL_TIMEOUT, client.task_logs(req))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded(format!("{address} did not answer")))?

@@ -157,7 +157,7 @@ pub async fn place_pending(
                 state.kill_on_node(&node, v, 0).await;
             }
             let result = match state.address(&node) {
-                Some(address) => state.calls.run_task(&address, spec).await,
+                Some(address) => state.calls.run_task(&node, &address, spec).await,
                 None => Err(format!("node {node} is unknown")),
             };
             (task_id, node, result)

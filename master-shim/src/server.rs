@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use celld_proto::v1::master_server::MasterServer;
+use celld_trust::{Authorize, Limits, Transport, incoming};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -23,6 +24,11 @@ use crate::store::{Store, StoreError};
 
 /// Largest request the master decodes.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Open connections the master serves at once (operators and registering nodes; it
+/// calls nodes itself), lowered to fit the process's descriptor limit.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A caller that has not finished its TLS handshake by then is dropped.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct MasterState {
     pub registry: Mutex<Registry>,
@@ -46,6 +52,8 @@ pub struct MasterState {
     /// Held while a rollout is read and written back: an operator's pause or abort and
     /// the engine's progress do not overwrite each other.
     pub rollout_write: Mutex<()>,
+    /// The cell CA and the master's certificates; None with `--insecure`.
+    pub trust: Option<Arc<crate::trust::MasterTrust>>,
 }
 
 /// The master as nodes reach it.
@@ -57,12 +65,19 @@ pub struct Advertise {
 }
 
 impl Advertise {
-    pub fn master_ref<'a>(&'a self, key_hex: &'a str) -> crate::http::MasterRef<'a> {
+    pub fn master_ref<'a>(
+        &'a self,
+        key_hex: &'a str,
+        ca_fingerprint: Option<&'a str>,
+        join: Option<&'a str>,
+    ) -> crate::http::MasterRef<'a> {
         crate::http::MasterRef {
             host: &self.host,
             http_port: self.http_port,
             grpc_port: self.grpc_port,
             key_hex,
+            ca_fingerprint,
+            join,
         }
     }
 }
@@ -80,6 +95,7 @@ impl MasterState {
         store: Arc<dyn Store>,
         images: Arc<ImageStore>,
         advertise: Option<Advertise>,
+        trust: Option<Arc<crate::trust::MasterTrust>>,
     ) -> Result<Arc<Self>, StoreError> {
         let fleet = Fleet::default();
         let mut registry = Registry::default();
@@ -93,10 +109,11 @@ impl MasterState {
             control: tokio::sync::Mutex::new(()),
             placed_at: Mutex::default(),
             pending_kills: Mutex::default(),
-            calls: NodeCalls::default(),
+            calls: NodeCalls::new(trust.clone()),
             images,
             advertise,
             rollout_write: Mutex::new(()),
+            trust,
         }))
     }
 
@@ -130,7 +147,11 @@ impl MasterState {
     /// kept and retried every interval. Returns whether the node took it now.
     pub async fn kill_on_node(&self, node: &str, node_task_id: &str, grace_ms: u32) -> bool {
         let result = match self.address(node) {
-            Some(address) => self.calls.kill_task(&address, node_task_id, grace_ms).await,
+            Some(address) => {
+                self.calls
+                    .kill_task(node, &address, node_task_id, grace_ms)
+                    .await
+            }
             None => Err(format!("node {node} is unknown")),
         };
         let key = (node.to_string(), node_task_id.to_string());
@@ -166,7 +187,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (poller, mut changes) = Poller::new(
-        GrpcSource::new(state.policy.timeout),
+        GrpcSource::new(state.policy.timeout, state.trust.clone()),
         state.policy.clone(),
         state.fleet.clone(),
     );
@@ -203,13 +224,32 @@ pub async fn serve(
             }
         }
     });
+    let transport = match &state.trust {
+        Some(trust) => Transport::Tls(trust.server.clone()),
+        None => Transport::Plain,
+    };
+    let limits = Limits::within_fd_limit(MAX_CONNECTIONS, HANDSHAKE_TIMEOUT);
     let api = MasterApi::new(state);
     let result = tonic::transport::Server::builder()
+        .layer(Authorize::new(celld_trust::role::master_api))
+        // A vanished `logs -f` or drain caller: pinged after 30 s idle, dropped 10 s later.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // tonic sets no stream limit; 128 open calls on one connection is far more than a
+        // CLI or a node makes. A client waits for a slot beyond that.
+        .max_concurrent_streams(128)
+        // Rapid reset (CVE-2023-44487): the 21st stream reset before being served gets the
+        // connection a GOAWAY. h2's default, stated here.
+        .http2_max_pending_accept_reset_streams(Some(20))
+        // Streams the master must reset for a broken request; tonic leaves this unlimited
+        // (RUSTSEC-2024-0003). Well-behaved clients cause none: GOAWAY after 100.
+        .http2_max_local_error_reset_streams(Some(100))
+        // CLI and node headers are well under 1 KiB; 16 KiB is hyper's default, stated.
+        .http2_max_header_list_size(16 * 1024)
+        // HTTP/2's smallest frame size: requests are 1 MiB at most, larger frames buy nothing.
+        .max_frame_size(16 * 1024)
         .add_service(MasterServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming(listener, transport, limits), shutdown)
         .await;
     polling.abort();
     consuming.abort();

@@ -54,7 +54,12 @@ fn command_line_mistakes_and_an_absent_master_have_their_own_exit_codes() {
     );
 
     let port = common::free_port();
-    let (code, err) = run(&["nodes", "--master", &format!("127.0.0.1:{port}")]);
+    let (code, err) = run(&[
+        "nodes",
+        "--insecure",
+        "--master",
+        &format!("127.0.0.1:{port}"),
+    ]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("cannot reach the master"), "{err}");
 }

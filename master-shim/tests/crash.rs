@@ -56,8 +56,8 @@ fn kill_9_of_the_master_loses_nothing_and_duplicates_nothing() {
 
     // A drain cut short by a crash: the node stays cordoned, nothing runs twice, and a
     // second drain finishes the work.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cellmaster"))
-        .args(["drain", "alpha", "--master", &cell.master])
+    let child = cell
+        .cli_command(&["drain", "alpha"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

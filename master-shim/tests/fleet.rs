@@ -79,6 +79,9 @@ fn a_node_listed_in_the_config_is_polled_without_registering() {
         )
         .unwrap();
         cell.serve_args = vec!["--config".into(), config.display().to_string()];
+        // A node that never registers gets no certificate: listed nodes are for cells
+        // run without TLS.
+        cell.secure = false;
     });
     cell.add_node_on("listed", port, false);
     cell.wait_ready(&["listed"]);

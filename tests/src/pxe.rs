@@ -137,6 +137,8 @@ impl PxeCell {
                 .args(["serve", "--listen", &format!("{BRIDGE_IP}:7000")])
                 .args(["--http", &format!("{BRIDGE_IP}:7080")])
                 .args(["--poll-interval-ms", "1000"])
+                // The test image runs celld with celld.insecure=1 (see tests/run-all.sh).
+                .arg("--insecure")
                 .arg("--state")
                 .arg(dir.path().join("state.db"))
                 .args(master_args)
@@ -211,7 +213,7 @@ impl PxeCell {
         self.net
             .command(workspace_bin("cellmaster"))
             .args(args)
-            .args(["--master", &format!("{BRIDGE_IP}:7000")])
+            .args(["--master", &format!("{BRIDGE_IP}:7000"), "--insecure"])
             .output()
             .unwrap()
     }

@@ -116,7 +116,7 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_bad_images_stop_or_ro
         .command(celld_system_tests::pxe::workspace_bin("cellmaster"))
         .args(["reimage", "--to", "v2", "--max-unavailable", "1"])
         .args(["--ready-timeout", "400", "--drain-timeout", "300"])
-        .args(["--master", "10.77.0.1:7000"])
+        .args(["--master", "10.77.0.1:7000", "--insecure"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -66,7 +66,13 @@ impl Celld {
         let log_file =
             std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(&binary)
-            .args(["--listen", &addr, "--cgroup-parent", cgroup_parent])
+            .args([
+                "--listen",
+                &addr,
+                "--cgroup-parent",
+                cgroup_parent,
+                "--insecure",
+            ])
             .arg("--state-dir")
             .arg(dir.join("state"))
             .stdout(Stdio::null())

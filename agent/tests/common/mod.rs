@@ -88,7 +88,7 @@ impl Node {
         let cgroup = format!("celld-test-{}-{port}", std::process::id());
         let log = std::fs::File::create(dir.path().join("celld.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_celld"))
-            .args(["--listen", &addr, "--cgroup-parent", &cgroup])
+            .args(["--listen", &addr, "--cgroup-parent", &cgroup, "--insecure"])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(extra)

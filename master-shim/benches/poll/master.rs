@@ -69,10 +69,11 @@ struct CountingSource {
 impl StatusSource for CountingSource {
     async fn get_status(
         &self,
+        node: &str,
         address: &str,
         known: u64,
     ) -> std::result::Result<pb::NodeStatus, String> {
-        let result = self.inner.get_status(address, known).await;
+        let result = self.inner.get_status(node, address, known).await;
         let now = Instant::now();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
@@ -111,7 +112,7 @@ pub async fn poll_fleet(args: MasterArgs) -> Result<()> {
         gap_ms: vec![0; GAP_BUCKETS_MS + 1],
     }));
     let source = CountingSource {
-        inner: GrpcSource::new(args.policy.timeout),
+        inner: GrpcSource::new(args.policy.timeout, None),
         stats: stats.clone(),
     };
     let interval_ms = args.policy.interval.as_millis() as usize;

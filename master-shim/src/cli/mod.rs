@@ -8,6 +8,7 @@ use celld_proto::v1 as pb;
 use celld_proto::v1::master_client::MasterClient;
 use tonic::transport::Channel;
 
+mod bundle;
 mod fleet;
 mod serve;
 mod show;
@@ -15,12 +16,20 @@ mod show;
 pub const USAGE: &str = "usage:
   cellmaster serve [--listen ADDR] [--poll-interval-ms N] [--state FILE] [--config FILE]
                    [--http ADDR [--advertise HOST]] [--image-dir DIR]
+                   [--node-cert-ttl D] [--insecure]
       defaults: 0.0.0.0:7000, 2000 ms, /var/lib/cellmaster/state.db (SQLite),
       HTTP (iPXE and images, default 0.0.0.0:7080) with --http or --image-dir (a
       cellimg output added to the images at start); --advertise: the host nodes reach
       the master on, when it listens on every address;
       --config: TOML with poll_interval_ms, down_after, max_in_flight and [[node]]
-      id/address/labels for nodes that do not register themselves
+      id/address/labels for nodes that do not register themselves;
+      the cell CA is made beside --state at first start; node certificates last
+      --node-cert-ttl (default 24h); --insecure: plain text, no certificates (development)
+  cellmaster admin-cert --role reader|operator|admin --out FILE [--name N] [--ttl D]
+                        [--state FILE] [--master ADDR]
+      on the master's host: a client bundle (CA, certificate, key; mode 0600)
+  cellmaster token create --ttl D [--uses N] [--pxe]
+      a join token for nodes (celld.join=); --pxe: the iPXE script hands it out
   cellmaster nodes [--json]
   cellmaster jobs [--json]
   cellmaster tasks [--json]
@@ -36,7 +45,9 @@ pub const USAGE: &str = "usage:
                      [--drain-timeout S] [--ready-timeout S] [--detach]
       SELECTOR: node ids (a,b) or labels (zone=a,rack=r7); default every node
   cellmaster rollout status [--json] [--watch] | rollout pause | resume | abort
-every command but serve takes --master ADDR (default $CELLMASTER or 127.0.0.1:7000)
+every command but serve and admin-cert takes --master ADDR (default $CELLMASTER, the
+bundle's master, or 127.0.0.1:7000) and --bundle FILE (default $CELLMASTER_BUNDLE), or
+--insecure for a master without TLS; durations D: 90s, 30m, 24h, 7d
 exit codes: 0 done, 1 the master refused or the operation failed, 2 bad command line,
             3 the master cannot be reached, 4 no such node, job or task";
 
@@ -90,6 +101,10 @@ fn from_status(s: tonic::Status) -> CliError {
 struct Flags {
     values: Vec<(String, String)>,
     positional: Vec<String>,
+    /// `--bundle FILE`, taken by every command that calls the master.
+    bundle: Option<String>,
+    /// `--insecure`: plain text (serve: no TLS; clients: no certificate).
+    insecure: bool,
 }
 
 impl Flags {
@@ -97,9 +112,19 @@ impl Flags {
     fn parse(args: &[String], with_value: &[&str], switches: &[&str]) -> Result<Flags, CliError> {
         let mut values = Vec::new();
         let mut positional = Vec::new();
+        let mut bundle = None;
+        let mut insecure = false;
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            if switches.contains(&a.as_str()) {
+            if a == "--insecure" {
+                insecure = true;
+            } else if a == "--bundle" {
+                bundle = Some(
+                    it.next()
+                        .ok_or_else(|| usage("--bundle needs a value"))?
+                        .clone(),
+                );
+            } else if switches.contains(&a.as_str()) {
                 values.push((a.clone(), String::new()));
             } else if with_value.contains(&a.as_str()) {
                 let v = it
@@ -112,7 +137,12 @@ impl Flags {
                 positional.push(a.clone());
             }
         }
-        Ok(Flags { values, positional })
+        Ok(Flags {
+            values,
+            positional,
+            bundle,
+            insecure,
+        })
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -160,18 +190,26 @@ impl Flags {
 
     async fn master(&self) -> Result<MasterClient<Channel>, CliError> {
         let env = std::env::var("CELLMASTER").ok();
+        let (bundle, tls) = bundle::client_tls(self)?;
         let master = self
             .get("--master")
             .or(env.as_deref())
-            .unwrap_or("127.0.0.1:7000");
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{master}"))
-            .map_err(|e| usage(format!("--master {master:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
+            .or(bundle
+                .as_ref()
+                .map(|b| b.master.as_str())
+                .filter(|m| !m.is_empty()))
+            .unwrap_or("127.0.0.1:7000")
+            .to_string();
+        let endpoint = celld_trust::client::endpoint(&master, Duration::from_secs(3))
+            .map_err(|e| usage(format!("--master: {e}")))?;
+        let channel = celld_trust::client::connect(endpoint, tls.as_ref())
             .await
             .map_err(|e| CliError {
                 exit: Exit::Unreachable,
-                message: format!("cannot reach the master at {master}: {e}"),
+                message: format!(
+                    "cannot reach the master at {master}: {}",
+                    celld_trust::client::error_chain(&e)
+                ),
             })?;
         Ok(MasterClient::new(channel))
     }
@@ -186,6 +224,8 @@ pub async fn run(args: &[String]) -> CliResult {
     let json = ["--json"];
     match command.as_str() {
         "serve" => serve::serve(rest).await,
+        "admin-cert" => bundle::admin_cert(rest),
+        "token" => bundle::token(rest).await,
         "nodes" => {
             let f = Flags::parse(rest, &reads, &json)?;
             f.positional(&[])?;

@@ -43,6 +43,7 @@ pub async fn serve(args: &[String]) -> CliResult {
             "--state",
             "--config",
             "--advertise",
+            "--node-cert-ttl",
         ],
         &[],
     )?;
@@ -94,6 +95,22 @@ pub async fn serve(args: &[String]) -> CliResult {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
+    let trust = if f.insecure {
+        for _ in 0..3 {
+            tracing::warn!("{}", celld_trust::INSECURE_WARNING);
+        }
+        None
+    } else {
+        let ttl = match f.get("--node-cert-ttl") {
+            Some(t) => super::bundle::duration("--node-cert-ttl", t, 10..=90 * 86400)?,
+            None => Duration::from_secs(86400),
+        };
+        let ca = crate::trust::load_or_create_ca(state_dir)
+            .map_err(|e| failed(format!("cell CA beside --state: {e}")))?;
+        let trust = crate::trust::MasterTrust::new(ca, ttl).map_err(failed)?;
+        tracing::info!(fingerprint = %trust.fingerprint(), node_cert_ttl_s = ttl.as_secs(), "cell CA (nodes: celld.ca=)");
+        Some(Arc::new(trust))
+    };
     let images = Arc::new(ImageStore::open(state_dir).map_err(|e| {
         failed(format!(
             "images beside --state {}: {e}",
@@ -137,10 +154,11 @@ pub async fn serve(args: &[String]) -> CliResult {
             images: images.clone(),
             store: store.clone(),
             grpc_port: local.port(),
+            ca_fingerprint: trust.as_ref().map(|t| t.fingerprint()),
         });
         tokio::spawn(crate::http::serve_http(http_listener, boot));
     }
-    let state = MasterState::new(policy, store, images, advertise)
+    let state = MasterState::new(policy, store, images, advertise, trust)
         .map_err(|e| failed(format!("--state {}: {e}", state_file.display())))?;
     tracing::info!(addr = %local, nodes = state.registry().records.len(), "cellmaster serving");
     let shutdown = async {

@@ -12,8 +12,8 @@
 //! address the poller has forgotten.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -24,6 +24,7 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use prost::Message;
 
 use super::StatusSource;
+use crate::trust::MasterTrust;
 
 const GET_STATUS_PATH: &str = "/celld.v1.Node/GetStatus";
 /// A larger reply is refused (tonic's default decode limit).
@@ -47,17 +48,19 @@ struct NodeConnection {
 
 /// Polls over gRPC, one HTTP/2 connection per node address, opened at the first poll and
 /// again after it breaks.
-#[derive(Default)]
 pub struct GrpcSource {
     connections: Mutex<HashMap<String, NodeConnection>>,
     opened: AtomicU64,
     /// Bounds connecting (the poller bounds the whole call as well).
     pub timeout: Duration,
+    /// Mutual TLS towards nodes; None with `--insecure`.
+    trust: Option<Arc<MasterTrust>>,
 }
 
 impl GrpcSource {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, trust: Option<Arc<MasterTrust>>) -> Self {
         Self {
+            trust,
             connections: Mutex::new(HashMap::new()),
             opened: AtomicU64::new(0),
             timeout,
@@ -73,12 +76,16 @@ impl GrpcSource {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn connect(&self, address: &str) -> Result<NodeConnection, String> {
+    async fn connect(&self, node: &str, address: &str) -> Result<NodeConnection, String> {
         let authority: Authority = address
             .parse()
             .map_err(|e| format!("node address {address:?}: {e}"))?;
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(if self.trust.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
         parts.authority = Some(authority);
         parts.path_and_query = Some(PathAndQuery::from_static(GET_STATUS_PATH));
         let uri = Uri::from_parts(parts).map_err(|e| format!("node address {address:?}: {e}"))?;
@@ -89,19 +96,22 @@ impl GrpcSource {
         // Requests are small and answered at once; do not let Nagle hold them.
         tcp.set_nodelay(true)
             .map_err(|e| format!("connect {address}: TCP_NODELAY: {e}"))?;
-        let (send, connection) = h2::client::Builder::new()
-            .enable_push(false)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_send_buffer_size(16 << 10)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {address}: {e}"))?;
-        // The connection's own task reads and writes the socket; it ends when the node
-        // closes or the last `SendRequest` is dropped (the address was forgotten).
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let send = match &self.trust {
+            None => handshake(tcp).await,
+            Some(trust) => {
+                let tls = trust.node_tls(node)?;
+                let stream = tokio::time::timeout(
+                    self.timeout,
+                    tokio_rustls::TlsConnector::from(tls.config.clone())
+                        .connect(tls.server_name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| format!("TLS with {address}: no answer in {:?}", self.timeout))?
+                .map_err(|e| format!("TLS with {address} (node {node}): {e}"))?;
+                handshake(stream).await
+            }
+        }
+        .map_err(|e| format!("HTTP/2 handshake with {address}: {e}"))?;
         Ok(NodeConnection {
             serial: self.opened.fetch_add(1, Ordering::Relaxed),
             send,
@@ -110,11 +120,15 @@ impl GrpcSource {
     }
 
     /// The held connection to `address`, or a new one.
-    async fn connection(&self, address: &str) -> Result<(NodeConnection, bool), String> {
+    async fn connection(
+        &self,
+        node: &str,
+        address: &str,
+    ) -> Result<(NodeConnection, bool), String> {
         if let Some(held) = self.lock().get(address).cloned() {
             return Ok((held, true));
         }
-        let fresh = self.connect(address).await?;
+        let fresh = self.connect(node, address).await?;
         self.lock().insert(address.to_string(), fresh.clone());
         Ok((fresh, false))
     }
@@ -132,9 +146,14 @@ impl GrpcSource {
 }
 
 impl StatusSource for GrpcSource {
-    async fn get_status(&self, address: &str, known: u64) -> Result<pb::NodeStatus, String> {
+    async fn get_status(
+        &self,
+        node: &str,
+        address: &str,
+        known: u64,
+    ) -> Result<pb::NodeStatus, String> {
         let body = encode_request(known);
-        let (connection, held) = self.connection(address).await?;
+        let (connection, held) = self.connection(node, address).await?;
         let response = match start_call(&connection, body.clone()).await {
             Ok(r) => r,
             // A held connection may have closed since the last poll (node restarted,
@@ -142,7 +161,7 @@ impl StatusSource for GrpcSource {
             Err(e) if held => {
                 self.drop_connection(address, &connection);
                 tracing::debug!(node_address = address, error = %e, "reconnecting");
-                let (fresh, _) = self.connection(address).await?;
+                let (fresh, _) = self.connection(node, address).await?;
                 start_call(&fresh, body)
                     .await
                     .map_err(|e| format!("{address}: {e}"))?
@@ -165,6 +184,25 @@ impl StatusSource for GrpcSource {
     fn forget(&self, address: &str) {
         self.lock().remove(address);
     }
+}
+
+/// HTTP/2 over `io`; the connection's own task reads and writes the socket. It ends when
+/// the node closes or the last `SendRequest` is dropped (the address was forgotten).
+async fn handshake<T>(io: T) -> Result<SendRequest<Bytes>, h2::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(16 << 10)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(send)
 }
 
 enum CallError {

@@ -122,9 +122,9 @@ fn big_status() -> pb::NodeStatus {
 #[tokio::test]
 async fn polls_share_one_connection_and_carry_the_known_generation() {
     let node = fake_node(Answer::Status(Box::new(big_status())), usize::MAX).await;
-    let source = GrpcSource::new(Duration::from_secs(5));
+    let source = GrpcSource::new(Duration::from_secs(5), None);
     for known in [0, 42, 7] {
-        let status = source.get_status(&node.address, known).await.unwrap();
+        let status = source.get_status("n", &node.address, known).await.unwrap();
         assert_eq!(status, big_status(), "a reply over several DATA frames");
     }
     assert_eq!(*node.known_seen.lock().unwrap(), vec![0, 42, 7]);
@@ -137,8 +137,8 @@ async fn polls_share_one_connection_and_carry_the_known_generation() {
 #[tokio::test]
 async fn a_grpc_error_is_a_failed_poll_with_the_nodes_message() {
     let node = fake_node(Answer::Error("14", "draining"), usize::MAX).await;
-    let source = GrpcSource::new(Duration::from_secs(5));
-    let error = source.get_status(&node.address, 0).await.unwrap_err();
+    let source = GrpcSource::new(Duration::from_secs(5), None);
+    let error = source.get_status("n", &node.address, 0).await.unwrap_err();
     assert!(error.contains("grpc-status 14: draining"), "{error}");
     // The connection itself is fine and kept.
     assert_eq!(source.connections(), 1);
@@ -152,16 +152,16 @@ async fn a_closed_connection_is_opened_again() {
         ..Default::default()
     };
     let node = fake_node(Answer::Status(Box::new(unchanged.clone())), 1).await;
-    let source = GrpcSource::new(Duration::from_secs(5));
+    let source = GrpcSource::new(Duration::from_secs(5), None);
     assert_eq!(
-        source.get_status(&node.address, 3).await,
+        source.get_status("n", &node.address, 3).await,
         Ok(unchanged.clone())
     );
     // The node dropped that connection. Whether the client notices before or after
     // its next request, at most one poll fails and the next one reconnects.
     let mut failed = Vec::new();
     for _ in 0..3 {
-        match source.get_status(&node.address, 3).await {
+        match source.get_status("n", &node.address, 3).await {
             Ok(s) => {
                 assert_eq!(s, unchanged);
                 break;
@@ -178,11 +178,14 @@ async fn a_node_that_is_not_listening_is_a_failed_poll() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     drop(listener);
-    let source = GrpcSource::new(Duration::from_secs(5));
-    let error = source.get_status(&address, 0).await.unwrap_err();
+    let source = GrpcSource::new(Duration::from_secs(5), None);
+    let error = source.get_status("n", &address, 0).await.unwrap_err();
     assert!(error.contains("connect"), "{error}");
     assert_eq!(source.connections(), 0);
-    let error = source.get_status("not an address", 0).await.unwrap_err();
+    let error = source
+        .get_status("n", "not an address", 0)
+        .await
+        .unwrap_err();
     assert!(error.contains("not an address"), "{error}");
 }
 

@@ -144,6 +144,7 @@ pub trait StatusSource: Send + Sync + 'static {
     /// `known` is the generation the master has; a node may answer "unchanged".
     fn get_status(
         &self,
+        node: &str,
         address: &str,
         known: u64,
     ) -> impl Future<Output = Result<pb::NodeStatus, String>> + Send;

@@ -133,9 +133,12 @@ impl<S: StatusSource> Shared<S> {
                 // The wait for a slot is the master's, not the node's: only the call is
                 // timed.
                 let _permit = self.gate.acquire().await.ok();
-                tokio::time::timeout(self.policy.timeout, self.source.get_status(&address, known))
-                    .await
-                    .map_err(drop)
+                tokio::time::timeout(
+                    self.policy.timeout,
+                    self.source.get_status(&id, &address, known),
+                )
+                .await
+                .map_err(drop)
             };
             missing = self.record(&id, result);
             // The next slot after now: an overloaded master skips slots rather than

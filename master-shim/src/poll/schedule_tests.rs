@@ -55,7 +55,12 @@ impl Fake {
 }
 
 impl StatusSource for Fake {
-    async fn get_status(&self, address: &str, known: u64) -> Result<pb::NodeStatus, String> {
+    async fn get_status(
+        &self,
+        _node: &str,
+        address: &str,
+        known: u64,
+    ) -> Result<pb::NodeStatus, String> {
         let s = &self.0;
         let nth = {
             let mut calls = s.calls.lock().unwrap();

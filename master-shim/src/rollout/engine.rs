@@ -16,6 +16,9 @@ use crate::store::StoreError;
 
 /// How long a node may take to answer Reimage (it downloads and checks the image first).
 const REIMAGE_CALL: std::time::Duration = std::time::Duration::from_secs(180);
+/// How long the token a reimaged node joins again with lasts (a firmware reboot and PXE
+/// included; the rollout gives up on the node sooner by its ready timeout).
+const REJOIN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn node_now(state: &MasterState, node: &str) -> NodeNow {
     let ready = state
@@ -64,7 +67,21 @@ async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<
         .as_ref()
         .ok_or_else(|| CallError::Refused("this master serves no images over HTTP".into()))?;
     let key = state.images.public_key_hex();
-    let master = advertise.master_ref(&key);
+    // The new boot makes a new key, so it joins again: with a token for this node only,
+    // good for one use while the rollout waits for it.
+    let (fingerprint, join) = match &state.trust {
+        Some(trust) => {
+            let (text, row) =
+                crate::trust::new_token(REJOIN_TTL, 1, node, false).map_err(CallError::Refused)?;
+            state
+                .store
+                .put_token(&row)
+                .map_err(|e| CallError::Refused(format!("join token: {e}")))?;
+            (Some(trust.fingerprint()), Some(text))
+        }
+        None => (None, None),
+    };
+    let master = advertise.master_ref(&key, fingerprint.as_deref(), join.as_deref());
     let address = state
         .address(node)
         .ok_or_else(|| CallError::Refused(format!("node {node} is unknown")))?;
@@ -76,7 +93,7 @@ async fn send_reimage(state: &MasterState, node: &str, version: &str) -> Result<
         manifest: image.manifest,
         manifest_signature: image.signature,
     };
-    state.calls.reimage(&address, req, REIMAGE_CALL).await
+    state.calls.reimage(node, &address, req, REIMAGE_CALL).await
 }
 
 /// Writes the engine's copy of the rollout, keeping an operator's pause or abort that

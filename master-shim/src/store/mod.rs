@@ -285,6 +285,43 @@ pub trait Store: Send + Sync {
     fn put_rollout(&self, rollout: &Rollout) -> Result<Revision, StoreError>;
     /// The rollout with the highest id.
     fn last_rollout(&self) -> Result<Option<Rollout>, StoreError>;
+
+    fn put_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Counts one use of token `id` by `node`, in one transaction, if the secret matches
+    /// and it is unexpired, not used up and not bound to another node. Returns the uses
+    /// left.
+    fn use_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        node: &str,
+        now: i64,
+    ) -> Result<Result<u32, TokenRefusal>, StoreError>;
+    /// The newest usable token made for the PXE script, as text.
+    fn pxe_token(&self, now: i64) -> Result<Option<String>, StoreError>;
+}
+
+/// A join token as kept: never its secret, except a PXE token's whole text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret_sha256: String,
+    /// Seconds since the epoch.
+    pub expires_at: i64,
+    pub uses_left: u32,
+    /// Empty: any node; else only this node id (the tokens a reimage carries).
+    pub node: String,
+    pub pxe_text: Option<String>,
+}
+
+/// Why a join token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token, or the wrong secret.
+    Unknown,
+    Expired(i64),
+    UsedUp,
+    OtherNode(String),
 }
 
 #[cfg(test)]

@@ -10,12 +10,17 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{JobRow, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, TaskState};
+use super::{
+    JobRow, JoinToken, NodeRow, NodeState, Revision, Store, StoreError, TaskRow, TaskState,
+    TokenRefusal,
+};
 use crate::jobfile::Resources;
 use crate::rollout::Rollout;
 
+mod tokens;
+
 /// `PRAGMA user_version` of the schema below. A new version adds a step to `migrate`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -77,6 +82,19 @@ CREATE TABLE rollouts (
     state TEXT NOT NULL,
     body TEXT NOT NULL,            -- Rollout as JSON
     revision INTEGER NOT NULL
+);
+";
+
+/// Version 4: join tokens (only the secret's hash, except for the one the PXE script
+/// hands out).
+const SCHEMA_V4: &str = "
+CREATE TABLE join_tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    node TEXT NOT NULL DEFAULT '',
+    pxe_text TEXT
 );
 ";
 
@@ -198,7 +216,12 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     // Each step and its version number in one transaction, so a crash leaves the file at
     // the last whole step, which the next open continues from.
-    let steps: [(i64, &str); 3] = [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+    let steps: [(i64, &str); 4] = [
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+    ];
     for (to, script) in steps {
         if version >= to {
             continue;
@@ -689,6 +712,24 @@ impl Store for SqliteStore {
             Ok(())
         })?;
         Ok(rev)
+    }
+
+    fn put_token(&self, t: &JoinToken) -> Result<(), StoreError> {
+        tokens::put(&self.lock(), t)
+    }
+
+    fn use_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        node: &str,
+        now: i64,
+    ) -> Result<Result<u32, TokenRefusal>, StoreError> {
+        tokens::take(&mut self.lock(), id, secret_sha256, node, now)
+    }
+
+    fn pxe_token(&self, now: i64) -> Result<Option<String>, StoreError> {
+        tokens::for_pxe(&self.lock(), now)
     }
 
     fn last_rollout(&self) -> Result<Option<Rollout>, StoreError> {

@@ -223,7 +223,7 @@ fn a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 3
+                supported: 4
             }
         ),
         "{e}"
@@ -365,4 +365,40 @@ fn a_version_1_file_is_migrated_in_place() {
     drop(s);
     // Opening again finds nothing to do.
     SqliteStore::open(&path).unwrap();
+}
+
+#[test]
+fn join_tokens_count_uses_expire_and_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cell.db")).unwrap();
+    let token = |id: &str, expires_at, uses_left, node: &str, pxe: Option<&str>| JoinToken {
+        id: id.into(),
+        secret_sha256: format!("hash-{id}"),
+        expires_at,
+        uses_left,
+        node: node.into(),
+        pxe_text: pxe.map(str::to_string),
+    };
+    s.put_token(&token("a", 1000, 2, "", Some("a.secret")))
+        .unwrap();
+    s.put_token(&token("b", 1000, 1, "n1", None)).unwrap();
+    s.put_token(&token("c", 10, 5, "", None)).unwrap();
+    let take = |id: &str, hash: &str, node: &str| s.use_token(id, hash, node, 100).unwrap();
+    assert_eq!(take("a", "hash-a", "n1"), Ok(1));
+    assert_eq!(take("a", "hash-a", "n2"), Ok(0));
+    assert_eq!(take("a", "hash-a", "n3"), Err(TokenRefusal::UsedUp));
+    assert_eq!(take("a", "wrong", "n3"), Err(TokenRefusal::Unknown));
+    assert_eq!(take("zz", "hash-a", "n3"), Err(TokenRefusal::Unknown));
+    assert_eq!(
+        take("b", "hash-b", "n2"),
+        Err(TokenRefusal::OtherNode("n1".into()))
+    );
+    assert_eq!(take("b", "hash-b", "n1"), Ok(0));
+    assert_eq!(take("c", "hash-c", "n1"), Err(TokenRefusal::Expired(10)));
+    // The used-up PXE token is no longer handed out.
+    assert_eq!(s.pxe_token(100).unwrap(), None);
+    s.put_token(&token("d", 1000, 1, "", Some("d.secret")))
+        .unwrap();
+    assert_eq!(s.pxe_token(100).unwrap().as_deref(), Some("d.secret"));
+    assert_eq!(s.pxe_token(1000).unwrap(), None);
 }

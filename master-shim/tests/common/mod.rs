@@ -67,6 +67,18 @@ fn celld() -> PathBuf {
     p
 }
 
+/// The credentials in a client bundle file.
+pub fn bundle_credentials(path: &Path) -> celld_trust::Credentials {
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    let field = |k: &str| v[k].as_str().unwrap().to_string();
+    celld_trust::Credentials {
+        ca_pem: field("ca"),
+        cert_pem: field("cert"),
+        key_pem: field("key"),
+    }
+}
+
 pub struct Node {
     pub proc: Option<Proc>,
     pub address: String,
@@ -90,6 +102,11 @@ pub struct Cell {
     pub serve_args: Vec<String>,
     pub nodes: BTreeMap<String, Node>,
     runtime: tokio::runtime::Runtime,
+    /// Mutual TLS (the default); false runs both sides with --insecure.
+    pub secure: bool,
+    /// SHA-256 of the cell CA (celld --ca), and a join token good for many nodes.
+    pub ca: String,
+    pub token: String,
 }
 
 impl Cell {
@@ -112,10 +129,63 @@ impl Cell {
                 .enable_all()
                 .build()
                 .unwrap(),
+            secure: true,
+            ca: String::new(),
+            token: String::new(),
         };
         setup(&mut cell);
+        if cell.secure {
+            // admin-cert makes the CA beside the store, as the master would at start.
+            let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
+                .args(["admin-cert", "--role", "admin", "--out"])
+                .arg(cell.bundle())
+                .arg("--state")
+                .arg(cell.state_file())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "admin-cert: {out:?}");
+            let pem = std::fs::read_to_string(cell.dir.path().join("ca.crt")).unwrap();
+            let ca = celld_trust::ca::pem_certificates(&pem).unwrap();
+            cell.ca = celld_trust::fingerprint(&ca[0]);
+        }
         cell.start_master();
+        if cell.secure {
+            let out = cell.cli(&["token", "create", "--ttl", "1h", "--uses", "1000"]);
+            assert_eq!(out.code, 0, "token create: {out:?}");
+            cell.token = out.stdout.trim().to_string();
+        }
         cell
+    }
+
+    /// The admin's client bundle.
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.path().join("admin.bundle")
+    }
+
+    /// The credentials in the admin's bundle.
+    pub fn admin_credentials(&self) -> celld_trust::Credentials {
+        bundle_credentials(&self.bundle())
+    }
+
+    /// A client of `name`'s celld, with `creds` (None: the admin's; insecure cells: plain).
+    pub async fn node_client_as(
+        &self,
+        name: &str,
+        creds: Option<&celld_trust::Credentials>,
+    ) -> Result<pb::node_client::NodeClient<tonic::transport::Channel>, String> {
+        let node = &self.nodes[name];
+        let endpoint = celld_trust::client::endpoint(&node.address, Duration::from_secs(3))?;
+        let tls = if self.secure {
+            let creds = creds.cloned().unwrap_or_else(|| self.admin_credentials());
+            let config = std::sync::Arc::new(creds.client_config()?);
+            Some(celld_trust::ClientTls::new(config, name)?)
+        } else {
+            None
+        };
+        let channel = celld_trust::client::connect(endpoint, tls.as_ref())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(pb::node_client::NodeClient::new(channel))
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -135,6 +205,11 @@ impl Cell {
                 .arg("--state")
                 .arg(self.state_file())
                 .args(["--poll-interval-ms", &self.interval_ms.to_string()])
+                .args(if self.secure {
+                    vec![]
+                } else {
+                    vec!["--insecure"]
+                })
                 .args(&self.serve_args)
                 .stderr(log)
                 .spawn()
@@ -170,6 +245,11 @@ impl Cell {
                     vec![]
                 })
                 .args(["--hostname", name])
+                .args(if self.secure {
+                    vec!["--ca", &self.ca, "--join", &self.token]
+                } else {
+                    vec!["--insecure"]
+                })
                 .args(["--cgroup-parent", &cgroup_parent])
                 .arg("--state-dir")
                 .arg(self.dir.path().join(name))
@@ -208,12 +288,20 @@ impl Cell {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
     }
 
+    /// The CLI pointed at this cell's master, with the admin bundle (or `--insecure`).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellmaster"));
+        cmd.args(args).args(["--master", &self.master]);
+        if self.secure {
+            cmd.arg("--bundle").arg(self.bundle());
+        } else {
+            cmd.arg("--insecure");
+        }
+        cmd
+    }
+
     pub fn cli(&self, args: &[&str]) -> Out {
-        let out = Command::new(env!("CARGO_BIN_EXE_cellmaster"))
-            .args(args)
-            .args(["--master", &self.master])
-            .output()
-            .unwrap();
+        let out = self.cli_command(args).output().unwrap();
         Out {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -293,9 +381,8 @@ impl Cell {
         if node.proc.is_none() {
             return Vec::new();
         }
-        let address = format!("http://{}", node.address);
         self.runtime.block_on(async {
-            let Ok(mut c) = pb::node_client::NodeClient::connect(address).await else {
+            let Ok(mut c) = self.node_client_as(name, None).await else {
                 return Vec::new();
             };
             let tasks = c

@@ -1,0 +1,25 @@
+//! How the peers of a celld cell prove who they are.
+//!
+//! The master keeps the cell CA. Every certificate it signs names a role in its subject
+//! (`O=celld:<role>`, `CN=<name>`): nodes (`node`, serving as their node id), the master
+//! (`master`, serving as `cellmaster`) and people (`reader`, `operator`, `admin`). Both
+//! servers accept TLS 1.3 only, ask every caller for a certificate of the CA, and check
+//! each call against the role table in [`role`]. Plain text exists for development only.
+
+pub mod authorize;
+pub mod ca;
+pub mod client;
+pub mod incoming;
+pub mod role;
+pub mod tls;
+
+pub use authorize::Authorize;
+pub use ca::{CellCa, Identity, Subject, fingerprint, identity_of};
+pub use client::ClientTls;
+pub use incoming::{Limits, Peer, ServerTls, Transport, incoming};
+pub use role::{Need, Role};
+pub use tls::{Credentials, MASTER_NAME};
+
+/// The banner both programs print at every start without TLS.
+pub const INSECURE_WARNING: &str = "INSECURE: --insecure given: no TLS, no client certificates, \
+no roles; anyone who reaches this port may run tasks as root. For development only.";
