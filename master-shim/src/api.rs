@@ -29,7 +29,7 @@ impl MasterApi {
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Ids in requests: what a job name, task id or node id can be.
-fn check_id(field: &str, id: &str) -> Result<(), Status> {
+pub fn check_id(field: &str, id: &str) -> Result<(), Status> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && id

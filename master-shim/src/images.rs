@@ -11,11 +11,12 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use celld_trust::manifest::Manifest;
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
 /// The artifacts a node boots from; every image has them.
-pub const BOOT_ARTIFACTS: [&str; 2] = ["vmlinuz", "initramfs.cpio.gz"];
+pub use celld_trust::manifest::BOOT_ARTIFACTS;
 /// What an image directory holds.
 pub const FILES: [&str; 4] = [
     "manifest.json",
@@ -89,31 +90,10 @@ pub struct ImageStore {
     key: SigningKey,
 }
 
-/// What a manifest says: version, command line, (sha256, size) of each boot artifact.
-pub type ManifestFacts = (String, String, Vec<(String, u64)>);
-
-pub fn read_manifest(bytes: &[u8]) -> Result<ManifestFacts, ImageError> {
-    let bad = |m: &str| ImageError::Invalid(format!("manifest.json: {m}"));
-    let m: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(&format!("not JSON: {e}")))?;
-    let version = m["version"]
-        .as_str()
-        .ok_or_else(|| bad("no \"version\""))?
-        .to_string();
-    let cmdline = m["kernel_cmdline"].as_str().unwrap_or("").to_string();
-    let mut sums = Vec::new();
-    for name in BOOT_ARTIFACTS {
-        let a = &m["artifacts"][name];
-        let sha = a["sha256"]
-            .as_str()
-            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| bad(&format!("artifacts.{name}.sha256 missing or not hex")))?;
-        let size = a["size"]
-            .as_u64()
-            .ok_or_else(|| bad(&format!("artifacts.{name}.size missing")))?;
-        sums.push((sha.to_ascii_lowercase(), size));
-    }
-    Ok((version, cmdline, sums))
+/// Reads a manifest as nodes read it (`celld_trust::manifest`): the master signs nothing
+/// a node would refuse.
+pub fn read_manifest(bytes: &[u8]) -> Result<Manifest, ImageError> {
+    Manifest::parse(bytes).map_err(|e| ImageError::Invalid(format!("manifest.json: {e}")))
 }
 
 impl ImageStore {
@@ -157,12 +137,13 @@ impl ImageStore {
             }
         }
         let manifest = file("manifest.json")?;
-        let (version, kernel_cmdline, sums) = read_manifest(manifest)?;
-        check_version(&version)?;
+        let parsed = read_manifest(manifest)?;
+        check_version(&parsed.version)?;
         let mut boot_bytes = 0;
-        for (name, (sha, size)) in BOOT_ARTIFACTS.iter().zip(&sums) {
+        for (name, digest) in parsed.boot_artifacts() {
+            let (sha, size) = (&digest.sha256, digest.size);
             let body = file(name)?;
-            if body.len() as u64 != *size {
+            if body.len() as u64 != size {
                 return Err(ImageError::Invalid(format!(
                     "{name}: {} bytes, the manifest says {size}",
                     body.len()
@@ -176,6 +157,11 @@ impl ImageStore {
             }
             boot_bytes += size;
         }
+        let Manifest {
+            version,
+            kernel_cmdline,
+            ..
+        } = parsed;
         let target = self.dir.join(&version);
         if target.exists() {
             return Err(ImageError::Exists(version));
@@ -222,13 +208,13 @@ impl ImageStore {
         let read =
             |name: &str| std::fs::read(dir.join(name)).map_err(io(format!("{version}/{name}")));
         let manifest = read("manifest.json")?;
-        let (_, kernel_cmdline, sums) = read_manifest(&manifest)?;
+        let parsed = read_manifest(&manifest)?;
         Ok(Image {
             version: version.to_string(),
             signature: read("manifest.sig")?,
             manifest,
-            kernel_cmdline,
-            boot_bytes: sums.iter().map(|(_, s)| s).sum(),
+            kernel_cmdline: parsed.kernel_cmdline,
+            boot_bytes: parsed.kernel.size + parsed.initramfs.size,
         })
     }
 

@@ -176,7 +176,7 @@ pub fn new_token(
 }
 
 /// `<id>.<secret>` into the id and the secret's hash.
-fn parse_token(text: &str) -> Option<(&str, String)> {
+pub fn parse_token(text: &str) -> Option<(&str, String)> {
     let (id, secret) = text.split_once('.')?;
     let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     (ok(id, 8) && ok(secret, 32)).then(|| (id, hex(&Sha256::digest(secret.as_bytes()))))
@@ -224,16 +224,8 @@ pub fn admit(
     }
 }
 
-/// `CreateJoinToken`: checked, stored, returned once.
-pub fn create_token(
-    state: &crate::server::MasterState,
-    req: pb::CreateJoinTokenRequest,
-) -> Result<pb::CreateJoinTokenResponse, Status> {
-    if state.trust.is_none() {
-        return Err(Status::failed_precondition(
-            "this master runs with --insecure: nodes register without tokens",
-        ));
-    }
+/// The fields of `CreateJoinToken`: a lifetime of 1 s to 30 days, 1 to 10000 uses.
+pub fn check_token_request(req: &pb::CreateJoinTokenRequest) -> Result<(), Status> {
     if !(1..=30 * 24 * 3600).contains(&req.ttl_seconds) {
         return Err(Status::invalid_argument(format!(
             "ttl_seconds: {} is outside 1 s to 30 days",
@@ -246,6 +238,20 @@ pub fn create_token(
             req.uses
         )));
     }
+    Ok(())
+}
+
+/// `CreateJoinToken`: checked, stored, returned once.
+pub fn create_token(
+    state: &crate::server::MasterState,
+    req: pb::CreateJoinTokenRequest,
+) -> Result<pb::CreateJoinTokenResponse, Status> {
+    if state.trust.is_none() {
+        return Err(Status::failed_precondition(
+            "this master runs with --insecure: nodes register without tokens",
+        ));
+    }
+    check_token_request(&req)?;
     let (text, row) = new_token(
         Duration::from_secs(req.ttl_seconds.into()),
         req.uses,

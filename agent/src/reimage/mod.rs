@@ -235,11 +235,15 @@ impl Reimager {
             cmdline,
         } = check_order(key, order, self.settings.max_bytes)?;
         let mut files = Vec::with_capacity(2);
-        for (name, text, url) in [
-            (KERNEL, &order.kernel_url, &kernel_url),
-            (INITRAMFS, &order.initramfs_url, &initramfs_url),
+        for (name, want, text, url) in [
+            (KERNEL, &manifest.kernel, &order.kernel_url, &kernel_url),
+            (
+                INITRAMFS,
+                &manifest.initramfs,
+                &order.initramfs_url,
+                &initramfs_url,
+            ),
         ] {
-            let want = manifest.artifact(name);
             let limits = fetch::Limits {
                 size: want.size,
                 stall: self.settings.stall,
@@ -305,8 +309,10 @@ pub fn check_order(
     let kernel_url = fetch::parse_url("kernel_url", &order.kernel_url)?;
     let initramfs_url = fetch::parse_url("initramfs_url", &order.initramfs_url)?;
     let cmdline = check_cmdline(&order.cmdline, &manifest)?;
-    for (what, name) in [("kernel", KERNEL), ("initramfs", INITRAMFS)] {
-        let size = manifest.artifact(name).size;
+    for (what, size) in [
+        ("kernel", manifest.kernel.size),
+        ("initramfs", manifest.initramfs.size),
+    ] {
         if size > max_bytes {
             return Err(ReimageError::TooBig {
                 what,

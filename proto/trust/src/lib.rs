@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod ca;
 pub mod client;
 pub mod incoming;
+pub mod manifest;
 pub mod role;
 pub mod tls;
 

@@ -82,11 +82,18 @@ pub fn jobfile(data: &[u8]) -> Outcome {
 }
 
 /// An image's `manifest.json`: as the master reads it when an image is added (before it
-/// signs it), and as a node reads it when told to reimage.
+/// signs it), and as a node reads it when told to reimage. The master must never sign a
+/// manifest its nodes refuse.
 pub fn image_manifest(data: &[u8]) -> Outcome {
     let on_master = master::check_manifest(data);
     let on_node = celld::reimage::manifest::Manifest::parse(data)
         .map(drop)
         .map_err(|e| e.to_string());
+    if on_master.is_ok() {
+        assert!(
+            on_node.is_ok(),
+            "the master accepts, a node refuses: {on_node:?}"
+        );
+    }
     on_master.and(on_node)
 }

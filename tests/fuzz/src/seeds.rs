@@ -32,6 +32,11 @@ pub const MANIFEST: &str = r#"{"version":"v2","kernel_cmdline":"console=ttyS0","
 "initramfs.cpio.gz":{"sha256":"dfbe09b30d6335cbb607cd6e1f0dec839d39d5619d0608708a1bd8f03d43ea7c","size":20},
 "node.iso":{"sha256":"2bd7692f620f2cf7b0cbf6728581edbb34d4a3c33177f3a887d4c1a67d8c6396","size":1}}}"#;
 
+/// A node's certificate request (P-256, `CN=node-a`), made once with
+/// `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null
+/// -subj /CN=node-a -outform DER`: the seeds stay the same from run to run.
+const NODE_CSR: &[u8] = include_bytes!("node-a.csr.der");
+
 /// A RunTask spec given as an OCI runtime config.
 const OCI_CONFIG: &str = r#"{"ociVersion":"1.0.2",
 "process":{"terminal":false,"user":{"uid":0,"gid":0},"args":["sh","-c","echo hi"],
@@ -200,6 +205,8 @@ pub fn seeds() -> Vec<Seed> {
                     cpu_millis: 4000,
                     pids_max: 4194304,
                 }),
+                join_token: "0123abcd.0123456789abcdef0123456789abcdef".into(),
+                csr: NODE_CSR.to_vec(),
             },
         ),
         master("ListNodes", &pb::ListNodesRequest {}),
@@ -265,6 +272,14 @@ pub fn seeds() -> Vec<Seed> {
             "ControlRollout",
             &pb::ControlRolloutRequest {
                 action: pb::control_rollout_request::Action::Pause.into(),
+            },
+        ),
+        master(
+            "CreateJoinToken",
+            &pb::CreateJoinTokenRequest {
+                ttl_seconds: 3600,
+                uses: 3,
+                pxe: true,
             },
         ),
     ];
