@@ -96,6 +96,10 @@ for _ in $(seq 240); do
 done
 say "the cell's nodes (cellmaster nodes)"
 in_ns target/release/cellmaster nodes --master 10.77.0.1:7000
+read -r node_id node <<<"$(in_ns target/release/cellmaster nodes --master 10.77.0.1:7000 --json |
+    python3 -c 'import json,sys; n=json.load(sys.stdin)[0]; print(n["id"], n["address"])')"
+say "tasks on $node_id ($node) over mutual TLS with the admin bundle, from the image's busybox rootfs"
+in_ns target/release/examples/demo "$node" /rootfs/busybox "$node_id"
 say "a job of two replicas (cellmaster submit), spread over the nodes"
 cat > $demo/web.toml <<'JOB'
 name = "web"

@@ -1,7 +1,11 @@
 //! Drives one celld: starts a few tasks from a busybox rootfs (a well-behaved one, a
 //! memory hog, one that tries to escape), and prints what the node reports about them.
 //!
-//!   cargo run --example demo -- [ADDR] [ROOTFS]
+//!   cargo run --example demo -- [ADDR] [ROOTFS] [NODE_ID]
+//!
+//! With `$CELLMASTER_BUNDLE` (an operator or admin bundle from `cellmaster admin-cert`)
+//! it calls the node over mutual TLS, expecting a certificate for NODE_ID; without it, in
+//! plain text (a celld started with `--insecure`).
 
 use std::time::Duration;
 
@@ -38,7 +42,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(2)
         .cloned()
         .unwrap_or("/var/lib/celld-demo/rootfs".into());
-    let mut node = NodeClient::connect(format!("http://{addr}")).await?;
+    let endpoint = celld_trust::client::endpoint(&addr, Duration::from_secs(5))?;
+    let tls = match std::env::var_os("CELLMASTER_BUNDLE") {
+        None => None,
+        Some(path) => {
+            let node = args
+                .get(3)
+                .ok_or("NODE_ID: needed with $CELLMASTER_BUNDLE")?;
+            Some(celld_trust::Bundle::read(path.as_ref())?.client_tls(node)?)
+        }
+    };
+    let channel = celld_trust::client::connect(endpoint, tls.as_ref()).await?;
+    let mut node = NodeClient::new(channel);
     let tasks = [
         spec(
             "hello",

@@ -1,37 +1,13 @@
-//! Client bundles (what `cellmaster admin-cert` writes and every other command reads):
-//! the master's address, the cell CA, a person's certificate with its role, and its key,
-//! in one TOML file of mode 0600. Also `admin-cert` and `token create` themselves.
+//! Client bundles on the command line (`celld_trust::Bundle`, what `cellmaster admin-cert`
+//! writes and every other command reads), `admin-cert` and `token create` themselves.
 
 use std::path::Path;
 use std::time::Duration;
 
 use celld_proto::v1 as pb;
-use celld_trust::{ClientTls, Credentials, MASTER_NAME, Role};
-use serde::{Deserialize, Serialize};
+use celld_trust::{Bundle, ClientTls, MASTER_NAME, Role};
 
 use super::{CliError, CliResult, Flags, failed, usage};
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Bundle {
-    /// host:port of the master's gRPC.
-    #[serde(default)]
-    pub master: String,
-    pub role: String,
-    pub ca: String,
-    pub cert: String,
-    pub key: String,
-}
-
-impl Bundle {
-    fn credentials(&self) -> Credentials {
-        Credentials {
-            ca_pem: self.ca.clone(),
-            cert_pem: self.cert.clone(),
-            key_pem: self.key.clone(),
-        }
-    }
-}
 
 /// `--bundle`, else `$CELLMASTER_BUNDLE`; required unless `--insecure`.
 pub fn client_tls(f: &Flags) -> Result<(Option<Bundle>, Option<ClientTls>), CliError> {
@@ -46,14 +22,10 @@ pub fn client_tls(f: &Flags) -> Result<(Option<Bundle>, Option<ClientTls>), CliE
              without TLS",
         ));
     };
-    let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--bundle {path}: {e}")))?;
-    let bundle: Bundle =
-        toml::from_str(&text).map_err(|e| usage(format!("--bundle {path}: {e}")))?;
-    let config = bundle
-        .credentials()
-        .client_config()
+    let bundle = Bundle::read(Path::new(path)).map_err(|e| usage(format!("--bundle {e}")))?;
+    let tls = bundle
+        .client_tls(MASTER_NAME)
         .map_err(|e| usage(format!("--bundle {path}: {e}")))?;
-    let tls = ClientTls::new(std::sync::Arc::new(config), MASTER_NAME).map_err(usage)?;
     Ok((Some(bundle), Some(tls)))
 }
 
@@ -132,7 +104,7 @@ pub fn admin_cert(args: &[String]) -> CliResult {
         cert: creds.cert_pem,
         key: creds.key_pem,
     };
-    let text = toml::to_string(&bundle).map_err(|e| failed(format!("bundle: {e}")))?;
+    let text = bundle.to_toml().map_err(failed)?;
     crate::trust::write_private(Path::new(out), &text)
         .map_err(|e| failed(format!("--out {out}: {e}")))?;
     println!(

@@ -69,14 +69,7 @@ fn celld() -> PathBuf {
 
 /// The credentials in a client bundle file.
 pub fn bundle_credentials(path: &Path) -> celld_trust::Credentials {
-    let text = std::fs::read_to_string(path).unwrap();
-    let v: toml::Value = toml::from_str(&text).unwrap();
-    let field = |k: &str| v[k].as_str().unwrap().to_string();
-    celld_trust::Credentials {
-        ca_pem: field("ca"),
-        cert_pem: field("cert"),
-        key_pem: field("key"),
-    }
+    celld_trust::Bundle::read(path).unwrap().credentials()
 }
 
 pub struct Node {

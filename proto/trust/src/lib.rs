@@ -7,6 +7,7 @@
 //! each call against the role table in [`role`]. Plain text exists for development only.
 
 pub mod authorize;
+pub mod bundle;
 pub mod ca;
 pub mod client;
 pub mod incoming;
@@ -15,6 +16,7 @@ pub mod role;
 pub mod tls;
 
 pub use authorize::Authorize;
+pub use bundle::Bundle;
 pub use ca::{CellCa, Identity, Subject, fingerprint, identity_of};
 pub use client::ClientTls;
 pub use incoming::{Limits, Peer, ServerTls, Transport, incoming};
