@@ -2,10 +2,11 @@
 //! path with a deadline, and the caller's identity (from its certificate) handed to every
 //! request of the connection as a `Peer` extension.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,21 +63,64 @@ pub struct Limits {
     /// Open connections (TLS handshakes in progress included); further callers wait in
     /// the kernel's backlog until one closes.
     pub max_connections: usize,
+    /// Open connections from one IP address: a flood from one host cannot take every
+    /// slot. Connections beyond it are closed at once.
+    pub per_address: usize,
     /// A caller that has not finished its TLS handshake by then is dropped.
     pub handshake_timeout: Duration,
 }
 
 impl Limits {
     /// `wanted` connections, but leave 256 file descriptors of the process's limit for
-    /// everything else (task logs, cgroup files, the store).
+    /// everything else (task logs, cgroup files, the store); an eighth of them (at least
+    /// 16) from any one address.
     pub fn within_fd_limit(wanted: usize, handshake_timeout: Duration) -> Limits {
         let mut lim = open_files_soft_limit();
         if lim == 0 {
             lim = 1024;
         }
+        let max_connections = wanted.min(lim.saturating_sub(256).max(16));
         Limits {
-            max_connections: wanted.min(lim.saturating_sub(256).max(16)),
+            max_connections,
+            per_address: (max_connections / 8).max(16),
             handshake_timeout,
+        }
+    }
+}
+
+/// Open connections per remote address.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's count under its address; given back on drop.
+struct AddressSlot {
+    counts: PerAddress,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn take(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
         }
     }
 }
@@ -104,6 +148,7 @@ pub struct Connection {
     io: Io,
     peer: Peer,
     _slot: OwnedSemaphorePermit,
+    _address: AddressSlot,
 }
 
 impl Connected for Connection {
@@ -171,7 +216,9 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Connection>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = PerAddress::default();
     let mut warned_full = false;
+    let mut refused_address: u64 = 0;
     loop {
         let slot = if let Ok(s) = slots.clone().try_acquire_owned() {
             warned_full = false;
@@ -203,6 +250,19 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(address_slot) = per_address.take(remote.ip(), limits.per_address) else {
+            // Logged at the 1st, 2nd, 4th, 8th... refusal: a flood does not flood the log.
+            refused_address += 1;
+            if refused_address.is_power_of_two() {
+                tracing::warn!(
+                    %remote,
+                    per_address = limits.per_address,
+                    refused = refused_address,
+                    "too many connections from one address: closed"
+                );
+            }
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         match &transport {
             Transport::Plain => {
@@ -215,6 +275,7 @@ async fn accept_loop(
                         problem: None,
                     },
                     _slot: slot,
+                    _address: address_slot,
                 };
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
@@ -260,10 +321,29 @@ async fn accept_loop(
                             problem,
                         },
                         _slot: slot,
+                        _address: address_slot,
                     };
                     let _ = tx.send(Ok(conn)).await;
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_gets_its_share_and_gives_it_back() {
+        let counts = PerAddress::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
+        assert!(counts.take(a, 3).is_none(), "a fourth from one address");
+        assert!(counts.take(b, 3).is_some(), "another address is not affected");
+        drop(held);
+        assert!(counts.0.lock().unwrap().is_empty(), "counts forgotten at zero");
+        assert!(counts.take(a, 3).is_some());
     }
 }
