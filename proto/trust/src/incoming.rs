@@ -341,9 +341,15 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let held: Vec<_> = (0..3).map(|_| counts.take(a, 3).unwrap()).collect();
         assert!(counts.take(a, 3).is_none(), "a fourth from one address");
-        assert!(counts.take(b, 3).is_some(), "another address is not affected");
+        assert!(
+            counts.take(b, 3).is_some(),
+            "another address is not affected"
+        );
         drop(held);
-        assert!(counts.0.lock().unwrap().is_empty(), "counts forgotten at zero");
+        assert!(
+            counts.0.lock().unwrap().is_empty(),
+            "counts forgotten at zero"
+        );
         assert!(counts.take(a, 3).is_some());
     }
 }
