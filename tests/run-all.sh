@@ -52,19 +52,23 @@ next=$(mktemp -d /tmp/celld-artifacts-next.XXXXXX)
 trap 'rm -rf "$artifacts" "$next"' EXIT
 version="test-$(git rev-parse --short HEAD 2>/dev/null || echo local)"
 celld_version="$(cargo metadata -q --no-deps --format-version 1 | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="celld"))')"
-# The QEMU tests talk to celld directly or run their cell without TLS (celld.insecure=1):
-# mutual TLS between real cellmaster and celld processes is tested in
-# master-shim/tests/trust.rs, and the demo boots its cell with TLS.
-build_image() { # OUT VERSION
+# Most QEMU tests talk to celld directly, without a master to give it a certificate, so
+# their images carry celld.insecure=1; the PXE cell test (tests/system/cell.rs) boots an
+# image without it and runs the whole cell over mutual TLS.
+secure=$(mktemp -d /tmp/celld-artifacts-secure.XXXXXX)
+trap 'rm -rf "$artifacts" "$next" "$secure"' EXIT
+build_image() { # OUT VERSION [CMDLINE...]
     cargo run -q -p cellimg -- build --out "$1" --version "$2" \
         --celld target/x86_64-unknown-linux-musl/release/celld \
-        --celld-version "$celld_version" --kernel "$kernel" --cmdline celld.insecure=1
+        --celld-version "$celld_version" --kernel "$kernel" "${@:3}"
 }
-build_image "$artifacts" "$version"
-build_image "$next" "$version-next"
+build_image "$artifacts" "$version" --cmdline celld.insecure=1
+build_image "$next" "$version-next" --cmdline celld.insecure=1
+build_image "$secure" "$version-secure"
 
 step "tests: unit, property, privileged, image, system (QEMU)"
-CELLD_ARTIFACTS=$artifacts CELLD_ARTIFACTS_NEXT=$next cargo test --workspace
+CELLD_ARTIFACTS=$artifacts CELLD_ARTIFACTS_NEXT=$next CELLD_ARTIFACTS_SECURE=$secure \
+    cargo test --workspace
 
 step "fuzz: every request's decoding and validation, 30 s per target"
 tests/fuzz/run.sh 30

@@ -107,12 +107,26 @@ pub struct PxeCell {
     _dnsmasq: Proc,
     pub net: Net,
     pub serials: Vec<PathBuf>,
+    /// Mutual TLS: the CLI uses the admin bundle at `dir/admin.bundle`.
+    secure: bool,
 }
 
 impl PxeCell {
     /// The namespace with `machines` taps, dnsmasq, and `cellmaster serve` on the bridge
     /// with `master_args` added (e.g. `--image-dir`). Machines are not started yet.
+    /// Plain text: for images built with `celld.insecure=1`.
     pub fn start(machines: usize, master_args: &[&str]) -> PxeCell {
+        PxeCell::start_with(machines, master_args, false)
+    }
+
+    /// Mutual TLS, as deployed: the master makes the cell CA, an admin bundle is written
+    /// for the CLI, and a join token for PXE-booting nodes is made once the master is up
+    /// (its iPXE script then hands out `celld.ca=` and `celld.join=`).
+    pub fn start_secure(machines: usize, master_args: &[&str]) -> PxeCell {
+        PxeCell::start_with(machines, master_args, true)
+    }
+
+    fn start_with(machines: usize, master_args: &[&str], secure: bool) -> PxeCell {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let net = Net::new(machines);
@@ -131,29 +145,48 @@ impl PxeCell {
                 .spawn()
                 .expect("dnsmasq is missing: apt-get install -y dnsmasq"),
         );
+        let state = dir.path().join("state.db");
+        if secure {
+            let out = Command::new(workspace_bin("cellmaster"))
+                .args(["admin-cert", "--role", "admin", "--out"])
+                .arg(dir.path().join("admin.bundle"))
+                .arg("--state")
+                .arg(&state)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "admin-cert: {out:?}");
+        }
         let master_log = std::fs::File::create(dir.path().join("master.log")).unwrap();
         let master = Proc(
             net.command(workspace_bin("cellmaster"))
                 .args(["serve", "--listen", &format!("{BRIDGE_IP}:7000")])
                 .args(["--http", &format!("{BRIDGE_IP}:7080")])
                 .args(["--poll-interval-ms", "1000"])
-                // The test image runs celld with celld.insecure=1 (see tests/run-all.sh).
-                .arg("--insecure")
+                .args(if secure { &[][..] } else { &["--insecure"][..] })
                 .arg("--state")
-                .arg(dir.path().join("state.db"))
+                .arg(&state)
                 .args(master_args)
                 .stderr(master_log)
                 .spawn()
                 .unwrap(),
         );
-        PxeCell {
+        let cell = PxeCell {
             dir,
             vms: Vec::new(),
             master: Some(master),
             _dnsmasq: dnsmasq,
             net,
             serials: Vec::new(),
+            secure,
+        };
+        if secure {
+            cell.wait("a PXE join token from the master", 30, || {
+                let out =
+                    cell.cellmaster(&["token", "create", "--ttl", "1h", "--uses", "20", "--pxe"]);
+                out.status.success().then_some(())
+            });
         }
+        cell
     }
 
     /// Starts machine `i` (tap`i`, MAC 52:54:00:77:00:0`i+1`, so node id node-77000`i+1`).
@@ -208,14 +241,23 @@ impl PxeCell {
         self.vms[i] = None;
     }
 
-    /// `cellmaster ARGS --master BRIDGE_IP:7000` inside the namespace.
+    /// `cellmaster ARGS --master BRIDGE_IP:7000` inside the namespace, with the admin
+    /// bundle (or `--insecure`).
     pub fn cellmaster(&self, args: &[&str]) -> Output {
-        self.net
-            .command(workspace_bin("cellmaster"))
-            .args(args)
-            .args(["--master", &format!("{BRIDGE_IP}:7000"), "--insecure"])
-            .output()
-            .unwrap()
+        self.cellmaster_command(args).output().unwrap()
+    }
+
+    pub fn cellmaster_command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.net.command(workspace_bin("cellmaster"));
+        cmd.args(args)
+            .args(["--master", &format!("{BRIDGE_IP}:7000")]);
+        if self.secure {
+            cmd.arg("--bundle")
+                .arg(self.dir.path().join("admin.bundle"));
+        } else {
+            cmd.arg("--insecure");
+        }
+        cmd
     }
 
     /// A command's `--json` output; Null when it failed.

@@ -2,16 +2,23 @@
 //! and the master's iPXE URL, cellmaster serving iPXE, the image and gRPC, and two QEMU
 //! machines that PXE-boot through their NIC's iPXE ROM into the image, register with the
 //! master and are polled by it; a job's two replicas run one on each machine, and when one
-//! machine is switched off its replica moves to the other.
+//! machine is switched off its replica moves to the other. All of it over mutual TLS: the
+//! image is built without `celld.insecure=1`, the nodes join with the PXE token and the
+//! CA fingerprint the iPXE script hands them.
 
 use celld_system_tests::pxe::PxeCell;
-use celld_system_tests::{artifacts, vm_turn};
+use celld_system_tests::{artifacts_named, vm_turn};
 
 #[test]
 fn two_machines_pxe_boot_from_the_master_register_and_run_a_jobs_replicas() {
-    let a = artifacts();
+    let a = artifacts_named("CELLD_ARTIFACTS_SECURE");
+    assert!(
+        !a.cmdline.contains("celld.insecure"),
+        "CELLD_ARTIFACTS_SECURE is built with celld.insecure: {}",
+        a.cmdline
+    );
     let _turn = vm_turn();
-    let mut cell = PxeCell::start(2, &["--image-dir", a.dir.to_str().unwrap()]);
+    let mut cell = PxeCell::start_secure(2, &["--image-dir", a.dir.to_str().unwrap()]);
     for i in 0..2 {
         cell.boot_machine(i, false);
     }
@@ -30,6 +37,14 @@ fn two_machines_pxe_boot_from_the_master_register_and_run_a_jobs_replicas() {
             "{n:#?}"
         );
     }
+
+    // Both joined with the token; each got a certificate for its node id.
+    let log = std::fs::read_to_string(cell.dir.path().join("master.log")).unwrap();
+    let joined = log
+        .lines()
+        .filter(|l| l.contains("node registered") && l.contains("join token"))
+        .count();
+    assert!(joined >= 2, "registrations by join token: {joined}\n{log}");
 
     // A job of two replicas from the image's busybox rootfs: one on each machine.
     cell.submit_web(2, "");

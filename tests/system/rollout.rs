@@ -112,11 +112,8 @@ fn a_rollout_reimages_three_machines_within_the_budget_and_bad_images_stop_or_ro
     // The rollout, watched: never fewer than two replicas running.
     let started = Instant::now();
     let mut reimage = cell
-        .net
-        .command(celld_system_tests::pxe::workspace_bin("cellmaster"))
-        .args(["reimage", "--to", "v2", "--max-unavailable", "1"])
+        .cellmaster_command(&["reimage", "--to", "v2", "--max-unavailable", "1"])
         .args(["--ready-timeout", "400", "--drain-timeout", "300"])
-        .args(["--master", "10.77.0.1:7000", "--insecure"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
