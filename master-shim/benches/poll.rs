@@ -12,7 +12,9 @@
 //! (5), `--timeout-ms MS` (poller timeout, default 400: `PollPolicy`'s share of its
 //! interval, 0.8 s of 2 s, at the benchmark's 1 s interval), `--max-in-flight N`
 //! (default `PollPolicy`'s), `--change-every SECS` (10: about one full reply in ten),
-//! `--silence K` (10), `--perf` (after the window, `perf record -g` the master for 5 s).
+//! `--silence K` (10), `--perf` (after the window, `perf record -g` the master for 5 s),
+//! `--tls` (mutual TLS as deployed: a cell CA made for the run, a certificate per
+//! simulated node naming its node id, the master's own client certificate).
 //!
 //! Layout:
 //! - `sim`: the simulated nodes, a realistic 100-task status, silencing on command.
@@ -61,6 +63,7 @@ pub fn unix_micros() -> u64 {
         .unwrap_or(0)
 }
 
+#[derive(Clone)]
 struct Args {
     role: Option<String>,
     nodes: Vec<usize>,
@@ -73,6 +76,9 @@ struct Args {
     change_every: u64,
     silence: usize,
     perf: bool,
+    tls: bool,
+    /// Where the run's CA is (`ca.crt`, `ca.key`), for the children; set by the driver.
+    ca_dir: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -93,6 +99,8 @@ fn parse_args() -> Result<Args> {
         change_every: 10,
         silence: 10,
         perf: false,
+        tls: false,
+        ca_dir: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,6 +110,10 @@ fn parse_args() -> Result<Args> {
         }
         if flag == "--perf" {
             args.perf = true;
+            continue;
+        }
+        if flag == "--tls" {
+            args.tls = true;
             continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -129,6 +141,7 @@ fn parse_args() -> Result<Args> {
             "--max-in-flight" => args.max_in_flight = number()? as usize,
             "--change-every" => args.change_every = number()?.max(1),
             "--silence" => args.silence = number()? as usize,
+            "--ca-dir" => args.ca_dir = Some(value.clone()),
             other => {
                 return Err(format!(
                     "unknown argument {other:?}: see the top of master-shim/benches/poll.rs"
@@ -172,6 +185,7 @@ fn main() -> ExitCode {
                 count: args.nodes[0],
                 fleet: args.fleet,
                 change_every: Duration::from_secs(args.change_every),
+                ca: args.ca_dir.as_deref().map(load_ca).transpose()?,
             }))
         }
         Some("master") => {
@@ -183,7 +197,12 @@ fn main() -> ExitCode {
                 ..PollPolicy::default()
             };
             let nodes = args.nodes[0];
-            single_threaded()?.block_on(master::poll_fleet(master::MasterArgs { nodes, policy }))
+            let ca = args.ca_dir.as_deref().map(load_ca).transpose()?;
+            single_threaded()?.block_on(master::poll_fleet(master::MasterArgs {
+                nodes,
+                policy,
+                ca,
+            }))
         }
         Some(other) => Err(format!("unknown role {other:?}: sim or master")),
         None => drive(&args),
@@ -195,6 +214,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The run's cell CA, as the driver wrote it.
+fn load_ca(dir: &str) -> Result<celld_trust::CellCa> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{dir}/{name}")).map_err(|e| format!("{dir}/{name}: {e}"))
+    };
+    celld_trust::CellCa::load(&read("ca.crt")?, &read("ca.key")?).map_err(|e| e.to_string())
 }
 
 /// A child in a role, spoken to by lines on stdin and stdout.
@@ -331,6 +358,10 @@ struct DownTimes {
 
 fn run_scale(args: &Args, nodes: usize) -> Result<(Steady, DownTimes)> {
     let common = |role: &str, first: usize, count: usize| -> Vec<String> {
+        let ca: Vec<&str> = match &args.ca_dir {
+            Some(dir) => vec!["--ca-dir", dir],
+            None => vec![],
+        };
         [
             "--role",
             role,
@@ -348,6 +379,7 @@ fn run_scale(args: &Args, nodes: usize) -> Result<(Steady, DownTimes)> {
             &args.change_every.to_string(),
         ]
         .iter()
+        .chain(&ca)
         .map(|s| s.to_string())
         .collect()
     };
@@ -475,6 +507,21 @@ fn record_profile(pid: u32, nodes: usize) -> Result<()> {
 }
 
 fn drive(args: &Args) -> Result<()> {
+    let mut args_with_ca;
+    let _ca_dir;
+    let args = if args.tls {
+        let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+        let (ca, key) = celld_trust::CellCa::create("poll-bench").map_err(|e| e.to_string())?;
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem())
+            .and_then(|()| std::fs::write(dir.path().join("ca.key"), key))
+            .map_err(|e| format!("writing the CA: {e}"))?;
+        args_with_ca = args.clone();
+        args_with_ca.ca_dir = Some(dir.path().display().to_string());
+        _ca_dir = dir;
+        &args_with_ca
+    } else {
+        args
+    };
     let status = sim::realistic_status();
     let unchanged = celld_proto::v1::NodeStatus {
         generation: 12,
@@ -482,9 +529,14 @@ fn drive(args: &Args) -> Result<()> {
         ..Default::default()
     };
     println!(
-        "Reply sizes: full {} bytes ({} tasks), unchanged {} bytes; full replies about 1 in {} \
-         (each node's generation moves every {} s). Poller: interval {:?}, timeout {} ms, \
-         max in flight {}, unknown after {}, down after {}.\n",
+        "Transport: {}. Reply sizes: full {} bytes ({} tasks), unchanged {} bytes; full replies \
+         about 1 in {} (each node's generation moves every {} s). Poller: interval {:?}, \
+         timeout {} ms, max in flight {}, unknown after {}, down after {}.\n",
+        if args.tls {
+            "mutual TLS 1.3 (ECDSA P-256 certificates)"
+        } else {
+            "plain text (--insecure)"
+        },
         status.encoded_len(),
         status.tasks.len(),
         unchanged.encoded_len(),

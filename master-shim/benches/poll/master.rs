@@ -20,6 +20,8 @@ use crate::{Result, node_address, node_id, unix_micros};
 pub struct MasterArgs {
     pub nodes: usize,
     pub policy: PollPolicy,
+    /// Mutual TLS: the master's certificate from this CA, as `cellmaster serve` makes it.
+    pub ca: Option<celld_trust::CellCa>,
 }
 
 /// Gaps are kept in 1 ms buckets up to this; longer ones land in the last bucket.
@@ -111,8 +113,15 @@ pub async fn poll_fleet(args: MasterArgs) -> Result<()> {
         last_answer: HashMap::with_capacity(args.nodes),
         gap_ms: vec![0; GAP_BUCKETS_MS + 1],
     }));
+    let trust = match args.ca {
+        Some(ca) => Some(Arc::new(cellmaster::trust::MasterTrust::new(
+            ca,
+            Duration::from_secs(86400),
+        )?)),
+        None => None,
+    };
     let source = CountingSource {
-        inner: GrpcSource::new(args.policy.timeout, None),
+        inner: GrpcSource::new(args.policy.timeout, trust),
         stats: stats.clone(),
     };
     let interval_ms = args.policy.interval.as_millis() as usize;

@@ -31,6 +31,8 @@ pub struct SimArgs {
     /// Nodes in the whole fleet, for the stagger of generation changes.
     pub fleet: usize,
     pub change_every: Duration,
+    /// Mutual TLS: each node serves a certificate for its node id from this CA.
+    pub ca: Option<celld_trust::CellCa>,
 }
 
 /// What one simulated node knows: its place in the fleet (for the stagger) and whether
@@ -308,13 +310,32 @@ pub async fn serve_fleet(args: SimArgs) -> Result<()> {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeServer::new(SimService(node.clone()));
+        let tls = match &args.ca {
+            Some(ca) => Some(node_tls(ca, index)?),
+            None => None,
+        };
         tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
-                .await;
+            let server = tonic::transport::Server::builder().add_service(service);
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let _ = match tls {
+                None => {
+                    server
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
+                        .await
+                }
+                Some(tls) => {
+                    let limits = celld_trust::Limits {
+                        max_connections: 64,
+                        per_address: 64,
+                        handshake_timeout: Duration::from_secs(10),
+                    };
+                    let incoming =
+                        celld_trust::incoming(listener, celld_trust::Transport::Tls(tls), limits);
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
         });
         nodes.push(node);
         stops.push(Some(stop));
@@ -349,6 +370,25 @@ pub async fn serve_fleet(args: SimArgs) -> Result<()> {
         say(&format!("silenced {at}"));
     }
     Ok(())
+}
+
+/// Node `index`'s server side: a certificate for its node id, as the master signs them.
+fn node_tls(ca: &celld_trust::CellCa, index: usize) -> Result<celld_trust::ServerTls> {
+    let id = crate::node_id(index);
+    let (cert_pem, key_pem) = ca
+        .issue_with_key(&celld_trust::Subject {
+            role: celld_trust::Role::Node,
+            name: &id,
+            dns_names: vec![id.clone()],
+            ttl: Duration::from_secs(86400),
+        })
+        .map_err(|e| format!("{id}: certificate: {e}"))?;
+    let creds = celld_trust::Credentials {
+        ca_pem: ca.cert_pem().to_string(),
+        cert_pem,
+        key_pem,
+    };
+    Ok(celld_trust::ServerTls::new(Some(creds.server_config()?)))
 }
 
 /// One line to the driver, flushed at once because the driver waits on it.
