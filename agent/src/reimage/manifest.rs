@@ -35,10 +35,8 @@ mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
 
-    const MANIFEST: &str = r#"{"version":"v2","kernel_cmdline":"console=ttyS0","artifacts":{
-        "vmlinuz":{"sha256":"2bd7692f620f2cf7b0cbf6728581edbb34d4a3c33177f3a887d4c1a67d8c6396","size":10},
-        "initramfs.cpio.gz":{"sha256":"dfbe09b30d6335cbb607cd6e1f0dec839d39d5619d0608708a1bd8f03d43ea7c","size":20},
-        "node.iso":{"sha256":"x","size":1}}}"#;
+    // The signature covers bytes, whatever they say: a short manifest will do.
+    const MANIFEST: &str = r#"{"version":"v2","artifacts":{}}"#;
 
     #[test]
     fn only_the_exact_bytes_signed_by_the_key_verify() {
