@@ -141,11 +141,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not the serial console's log.
         .with_ansi(!pid1 && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // RUST_LOG filters are compiled regexes: only pay for them when asked.
-    match tracing_subscriber::EnvFilter::try_from_default_env() {
-        Ok(filter) => logs.with_env_filter(filter).init(),
-        Err(_) => logs.with_max_level(tracing::Level::INFO).init(),
-    }
+    // RUST_LOG, else INFO with the h2 crate at ERROR: h2 warns once for every connection it
+    // sends GOAWAY for a flood (rapid resets, broken requests), a line per attacking
+    // connection on a 115200-baud console. The flood is cut off either way.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(celld_trust::DEFAULT_LOG_FILTER));
+    logs.with_env_filter(filter).init();
     let mut init_errors = Vec::new();
     if pid1 {
         // The panic path: a panic that reaches main ends in `fatal` (log, sync, reboot);

@@ -26,3 +26,9 @@ pub use tls::{Credentials, MASTER_NAME};
 /// The banner both programs print at every start without TLS.
 pub const INSECURE_WARNING: &str = "INSECURE: --insecure given: no TLS, no client certificates, \
 no roles; anyone who reaches this port may run tasks as root. For development only.";
+
+/// Both programs' log filter unless `RUST_LOG` says otherwise: INFO, but the h2 crate only
+/// at ERROR. h2 warns once for every connection it sends GOAWAY to for a flood (rapid
+/// resets, broken requests); under attack that is a line per attacking connection, on
+/// celld a serial console. The floods are cut off either way (see README, Limits).
+pub const DEFAULT_LOG_FILTER: &str = "info,h2=error";
