@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use celld_trust::ca::hex;
 use celld_trust::manifest::Manifest;
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
@@ -47,10 +48,6 @@ pub enum ImageError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
     let what = what.into();
     move |source| ImageError::Io { what, source }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -269,9 +266,7 @@ fn parse_key(text: &str) -> Option<SigningKey> {
 
 fn create_key(path: &Path) -> Result<SigningKey, ImageError> {
     let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-        .map_err(io("/dev/urandom"))?;
+    crate::trust::random_bytes(&mut seed).map_err(io("/dev/urandom"))?;
     let key = SigningKey::from_bytes(&seed);
     let mut f = std::fs::OpenOptions::new()
         .write(true)

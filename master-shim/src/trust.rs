@@ -12,9 +12,9 @@ use celld_proto::v1 as pb;
 use celld_trust::ca::{hex, now_secs};
 use celld_trust::{CellCa, ClientTls, Credentials, MASTER_NAME, Peer, Role, ServerTls, Subject};
 use rustls::ClientConfig;
-use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use crate::images::sha256_hex;
 use crate::store::{JoinToken, Store, TokenRefusal};
 
 /// How long the master's own certificate lasts; it is made anew at every start.
@@ -150,6 +150,11 @@ pub fn person_bundle(
     })
 }
 
+/// Fills `buf` from the kernel's random source: join tokens, the image signing key.
+pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, buf))
+}
+
 /// A new token: its text (`<id>.<secret>`, shown once) and the row the store keeps.
 pub fn new_token(
     ttl: Duration,
@@ -158,15 +163,13 @@ pub fn new_token(
     pxe: bool,
 ) -> Result<(String, JoinToken), String> {
     let mut bytes = [0u8; 20];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .map_err(|e| format!("random bytes: {e}"))?;
+    random_bytes(&mut bytes).map_err(|e| format!("random bytes: {e}"))?;
     let id = hex(&bytes[..4]);
     let secret = hex(&bytes[4..]);
     let text = format!("{id}.{secret}");
     let row = JoinToken {
         id,
-        secret_sha256: hex(&Sha256::digest(secret.as_bytes())),
+        secret_sha256: sha256_hex(secret.as_bytes()),
         expires_at: now_secs() + ttl.as_secs() as i64,
         uses_left: uses,
         node: node.to_string(),
@@ -179,7 +182,7 @@ pub fn new_token(
 pub fn parse_token(text: &str) -> Option<(&str, String)> {
     let (id, secret) = text.split_once('.')?;
     let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (ok(id, 8) && ok(secret, 32)).then(|| (id, hex(&Sha256::digest(secret.as_bytes()))))
+    (ok(id, 8) && ok(secret, 32)).then(|| (id, sha256_hex(secret.as_bytes())))
 }
 
 /// Whether a registration may go on: the node's own valid certificate (a renewal), or a

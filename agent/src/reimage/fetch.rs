@@ -202,7 +202,7 @@ pub async fn download(
         });
     }
     Ok(Downloaded {
-        sha256: hex(&sink.hasher.finalize()),
+        sha256: celld_trust::ca::hex(&sink.hasher.finalize()),
         bytes: sink.total,
         file: sink.file.into(),
     })
@@ -276,16 +276,6 @@ fn check_head(head: &[u8]) -> Result<Option<u64>, String> {
         }
     }
     Ok(length)
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]
