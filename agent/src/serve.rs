@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use celld_trust::{Authorize, Limits, Transport, incoming};
+use celld_trust::{Authorize, Limits, Transport, incoming, limit_http2};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use tokio::net::TcpListener;
 
@@ -168,31 +168,18 @@ pub async fn serve(
         let mut rx = stop_rx;
         let _ = rx.wait_for(|v| *v).await;
     };
-    let server = tonic::transport::Server::builder()
-        .layer(Authorize::new(celld_trust::role::node_api))
-        .concurrency_limit_per_connection(64)
-        .timeout(Duration::from_secs(60))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        // A peer silent 10 s after a ping is gone: free its connection.
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // tonic sets no stream limit of its own; 128 is twice the calls served at once, room
-        // for long watches and log follows. A client waits for a slot beyond that.
-        .max_concurrent_streams(128)
-        // Streams opened and reset before being served (CVE-2023-44487 "rapid reset"): the
-        // 21st on one connection gets it a GOAWAY. h2's default, stated here.
-        .http2_max_pending_accept_reset_streams(Some(20))
-        // Streams celld must reset for a broken request; tonic leaves this unlimited
-        // (RUSTSEC-2024-0003). Well-behaved clients cause none: GOAWAY after 100.
-        .http2_max_local_error_reset_streams(Some(100))
-        // The master's headers are well under 1 KiB; 16 KiB is hyper's default, stated.
-        .http2_max_header_list_size(16 * 1024)
-        // HTTP/2's smallest frame size: requests are 1 MiB at most, larger frames buy nothing.
-        .max_frame_size(16 * 1024)
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(NodeApi::new(agent).into_server())
-        .serve_with_incoming_shutdown(incoming, graceful);
+    let server = limit_http2(
+        tonic::transport::Server::builder().layer(Authorize::new(celld_trust::role::node_api)),
+    )
+    // 64 calls served at once per connection, half the 128 streams it may open: room for
+    // long watches and log follows.
+    .concurrency_limit_per_connection(64)
+    .timeout(Duration::from_secs(60))
+    .add_service(health)
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha)
+    .add_service(NodeApi::new(agent).into_server())
+    .serve_with_incoming_shutdown(incoming, graceful);
     tokio::pin!(server);
     let shutdown = async move {
         shutdown.await;

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use celld_proto::v1::master_server::MasterServer;
-use celld_trust::{Authorize, Limits, Transport, incoming};
+use celld_trust::{Authorize, Limits, Transport, incoming, limit_http2};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -230,27 +230,12 @@ pub async fn serve(
     };
     let limits = Limits::within_fd_limit(MAX_CONNECTIONS, HANDSHAKE_TIMEOUT);
     let api = MasterApi::new(state);
-    let result = tonic::transport::Server::builder()
-        .layer(Authorize::new(celld_trust::role::master_api))
-        // A vanished `logs -f` or drain caller: pinged after 30 s idle, dropped 10 s later.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        // tonic sets no stream limit; 128 open calls on one connection is far more than a
-        // CLI or a node makes. A client waits for a slot beyond that.
-        .max_concurrent_streams(128)
-        // Rapid reset (CVE-2023-44487): the 21st stream reset before being served gets the
-        // connection a GOAWAY. h2's default, stated here.
-        .http2_max_pending_accept_reset_streams(Some(20))
-        // Streams the master must reset for a broken request; tonic leaves this unlimited
-        // (RUSTSEC-2024-0003). Well-behaved clients cause none: GOAWAY after 100.
-        .http2_max_local_error_reset_streams(Some(100))
-        // CLI and node headers are well under 1 KiB; 16 KiB is hyper's default, stated.
-        .http2_max_header_list_size(16 * 1024)
-        // HTTP/2's smallest frame size: requests are 1 MiB at most, larger frames buy nothing.
-        .max_frame_size(16 * 1024)
-        .add_service(MasterServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(incoming(listener, transport, limits), shutdown)
-        .await;
+    let result = limit_http2(
+        tonic::transport::Server::builder().layer(Authorize::new(celld_trust::role::master_api)),
+    )
+    .add_service(MasterServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+    .serve_with_incoming_shutdown(incoming(listener, transport, limits), shutdown)
+    .await;
     polling.abort();
     consuming.abort();
     placing.abort();

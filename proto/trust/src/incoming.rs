@@ -88,6 +88,29 @@ impl Limits {
     }
 }
 
+/// The HTTP/2 limits both servers set (README, "Limits on callers"): tonic otherwise
+/// leaves two of them unlimited.
+pub fn limit_http2<L>(server: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
+    server
+        // A vanished caller (a `logs -f`, a watch, a poller): pinged after 30 s idle,
+        // dropped if silent 10 s after the ping.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // tonic sets no stream limit of its own; 128 open calls on one connection is more
+        // than a CLI, a node or the master makes. A client waits for a slot beyond that.
+        .max_concurrent_streams(128)
+        // Streams opened and reset before being served (CVE-2023-44487 "rapid reset"): the
+        // 21st on one connection gets it a GOAWAY. h2's default, stated here.
+        .http2_max_pending_accept_reset_streams(Some(20))
+        // Streams the server must reset for a broken request; tonic leaves this unlimited
+        // (RUSTSEC-2024-0003). Well-behaved clients cause none: GOAWAY after 100.
+        .http2_max_local_error_reset_streams(Some(100))
+        // Our callers' headers are well under 1 KiB; 16 KiB is hyper's default, stated.
+        .http2_max_header_list_size(16 * 1024)
+        // HTTP/2's smallest frame size: requests are 1 MiB at most, larger frames buy nothing.
+        .max_frame_size(16 * 1024)
+}
+
 /// Open connections per remote address.
 #[derive(Clone, Default)]
 struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);

@@ -19,7 +19,7 @@ pub use authorize::Authorize;
 pub use bundle::Bundle;
 pub use ca::{CellCa, Identity, Subject, fingerprint, identity_of};
 pub use client::ClientTls;
-pub use incoming::{Limits, Peer, ServerTls, Transport, incoming};
+pub use incoming::{Limits, Peer, ServerTls, Transport, incoming, limit_http2};
 pub use role::{Need, Role};
 pub use tls::{Credentials, MASTER_NAME};
 
