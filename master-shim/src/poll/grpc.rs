@@ -100,14 +100,10 @@ impl GrpcSource {
             None => handshake(tcp).await,
             Some(trust) => {
                 let tls = trust.node_tls(node)?;
-                let stream = tokio::time::timeout(
-                    self.timeout,
-                    tokio_rustls::TlsConnector::from(tls.config.clone())
-                        .connect(tls.server_name.clone(), tcp),
-                )
-                .await
-                .map_err(|_| format!("TLS with {address}: no answer in {:?}", self.timeout))?
-                .map_err(|e| format!("TLS with {address} (node {node}): {e}"))?;
+                let stream = tokio::time::timeout(self.timeout, tls.handshake(tcp))
+                    .await
+                    .map_err(|_| format!("TLS with {address}: no answer in {:?}", self.timeout))?
+                    .map_err(|e| format!("TLS with {address} (node {node}): {e}"))?;
                 handshake(stream).await
             }
         }

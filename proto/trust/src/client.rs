@@ -38,6 +38,11 @@ impl ClientTls {
     pub async fn connect(&self, address: &str) -> io::Result<TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(address).await?;
         tcp.set_nodelay(true)?;
+        self.handshake(tcp).await
+    }
+
+    /// TLS over a connected socket, the server's certificate checked against the name.
+    pub async fn handshake(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(self.server_name.clone(), tcp)
             .await
