@@ -69,24 +69,12 @@ impl Master for MasterApi {
                 celld_trust::MASTER_NAME
             )));
         }
-        let mut admitted = "insecure";
-        let signed = match &self.state.trust {
-            None => None,
+        let (admitted, signed) = match &self.state.trust {
+            None => ("insecure", None),
             Some(trust) => {
-                if r.csr.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "csr: empty; this master signs a certificate for every node",
-                    ));
-                }
-                // Signed first, handed out last: a CSR that does not parse uses no token.
-                let signed = trust
-                    .sign_node(&r.csr, &node)
-                    .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
-                admitted = crate::trust::admit(self.state.store.as_ref(), &r, &node, peer.as_ref())
-                    .inspect_err(|s| {
-                        tracing::warn!(%node, %remote, reason = s.message(), "registration refused")
-                    })?;
-                Some(signed)
+                let (by, signed) =
+                    trust.certify(self.state.store.as_ref(), &r, &node, peer.as_ref())?;
+                (by, Some(signed))
             }
         };
         let reg = crate::control::register(&self.state, &r, remote.ip())

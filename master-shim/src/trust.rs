@@ -110,6 +110,31 @@ impl MasterTrust {
         ClientTls::new(self.node_client.clone(), node)
     }
 
+    /// A registering node's certificate: its CSR signed first (one that does not parse
+    /// uses no token), then its admission checked and counted (`admit`). Returns how it
+    /// was admitted, the certificate and when it ends.
+    pub fn certify(
+        &self,
+        store: &dyn Store,
+        req: &pb::RegisterRequest,
+        node: &str,
+        peer: Option<&Peer>,
+    ) -> Result<(&'static str, (String, i64)), Status> {
+        if req.csr.is_empty() {
+            return Err(Status::invalid_argument(
+                "csr: empty; this master signs a certificate for every node",
+            ));
+        }
+        let signed = self
+            .sign_node(&req.csr, node)
+            .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+        let by = admit(store, req, node, peer).inspect_err(|s| {
+            let remote = peer.and_then(|p| p.remote);
+            tracing::warn!(%node, ?remote, reason = s.message(), "registration refused")
+        })?;
+        Ok((by, signed))
+    }
+
     /// Signs a registering node's CSR; returns the certificate and when it ends.
     pub fn sign_node(&self, csr: &[u8], node: &str) -> Result<(String, i64), String> {
         let pem = self
